@@ -1,0 +1,415 @@
+"""Family adapters: what differs between SD3, FLUX.1 and FLUX.2-klein pipelines.
+
+An adapter wraps a loaded diffusers pipeline and gives ngdiag one interface to it:
+
+- :meth:`FamilyAdapter.velocity_model` turns a transformer into a :class:`FamilyVelocity`
+  that follows the velocity contract ``v = model(x, t, **cond)`` with ``t`` in ``[0, 1]``
+  (the adapter converts to the family's timestep scale and sign);
+- :meth:`FamilyAdapter.encode` encodes prompts with the pipeline's own ``encode_prompt``;
+- :meth:`FamilyAdapter.prepare_latents` draws the initial noise with the pipeline's own
+  ``prepare_latents`` (same generators, same shapes, packed where the family packs);
+- :meth:`FamilyAdapter.schedule` computes the sigma schedule exactly as the pipeline does
+  (SD3 static shift, FLUX.1 dynamic ``mu``, klein's empirical ``mu``);
+- :meth:`FamilyAdapter.output_latents` / :meth:`FamilyAdapter.decode` map the final state to what
+  ``pipe(..., output_type="latent")`` returns, and to images in ``[0, 1]``.
+
+The state ``x`` lives in the transformer's latent layout (packed tokens for FLUX); packing is a
+permutation, so per-sample norms are layout independent.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ngdiag.errors import CheckpointError
+from ngdiag.sampling import GuidedVelocity
+
+__all__ = [
+    "Conditioning",
+    "FamilyVelocity",
+    "FamilyAdapter",
+    "SD3Adapter",
+    "FluxAdapter",
+    "Flux2KleinAdapter",
+    "adapter_for",
+    "family_of_pipeline",
+    "SUPPORTED_FAMILIES",
+]
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts for a batch.
+
+    Attributes:
+        cond: keyword arguments of the conditional velocity call.
+        uncond: keyword arguments of the unconditional call, or ``None`` without CFG.
+        guidance_scale: CFG scale ``w`` (``1.0`` when no CFG is applied).
+        batched: evaluate ``[uncond; cond]`` in one forward (SD3) or separately (FLUX).
+        prompts: the prompts, for reports.
+    """
+
+    cond: dict
+    uncond: Optional[dict]
+    guidance_scale: float
+    batched: bool
+    prompts: list = field(default_factory=list)
+    shared_keys: tuple = ()
+
+    def guided(self, model) -> GuidedVelocity:
+        """Bind this conditioning to a velocity model."""
+        return GuidedVelocity(model, self.cond, self.uncond, self.guidance_scale, self.batched)
+
+    def with_inputs(self, inputs: dict) -> "Conditioning":
+        """Add per-call inputs that come with the latents (position ids) to cond and uncond."""
+        cond = {**self.cond, **inputs}
+        uncond = None if self.uncond is None else {**self.uncond, **inputs}
+        return Conditioning(cond, uncond, self.guidance_scale, self.batched, self.prompts, self.shared_keys)
+
+    def select(self, index: slice) -> "Conditioning":
+        """The conditioning of the samples ``index`` (a slice) of the batch."""
+
+        def pick(d):
+            if d is None:
+                return None
+            return {
+                k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in self.shared_keys else v)
+                for k, v in d.items()
+            }
+
+        return Conditioning(
+            pick(self.cond), pick(self.uncond), self.guidance_scale, self.batched, self.prompts[index], self.shared_keys
+        )
+
+
+class FamilyVelocity(torch.nn.Module):
+    """A transformer under the velocity contract ``v = model(x, t, **cond)``.
+
+    ``t`` is the flow time in ``[0, 1]`` of shape ``(B,)``; the family's timestep is computed
+    from it with the same float operations as the pipeline (``t * 1000`` for SD3,
+    ``(t * 1000) / 1000`` for FLUX), and a negated output (Z-Image, Lumina2, HiDream style) is
+    flipped by ``sign``.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, family: str, num_train_timesteps: int = 1000, sign: float = 1.0):
+        super().__init__()
+        self.transformer = transformer
+        self.family = family
+        self.num_train_timesteps = num_train_timesteps
+        self.sign = sign
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        timestep = t * self.num_train_timesteps
+        if self.family == "sd3":
+            out = self.transformer(
+                hidden_states=x,
+                timestep=timestep,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"],
+                return_dict=False,
+            )[0]
+        else:
+            n_img = x.shape[1]
+            hidden = x.to(self.transformer.dtype)
+            kwargs = dict(
+                hidden_states=hidden,
+                timestep=timestep.to(x.dtype) / 1000,
+                guidance=cond.get("guidance"),
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                txt_ids=cond["txt_ids"],
+                img_ids=cond["img_ids"],
+                return_dict=False,
+            )
+            if self.family == "flux":
+                kwargs["pooled_projections"] = cond["pooled_projections"]
+            out = self.transformer(**kwargs)[0]
+            out = out[:, :n_img]
+        return out if self.sign == 1.0 else self.sign * out
+
+
+def _module_function(pipe, name):
+    """A helper function defined in the pipeline's own module (e.g. ``calculate_shift``)."""
+    module = importlib.import_module(type(pipe).__module__)
+    return getattr(module, name)
+
+
+class FamilyAdapter:
+    """Base adapter; subclasses fill in the family's differences."""
+
+    name: str = ""
+    cfg_batched: bool = False
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    # ----- model -----
+    def velocity_model(self, transformer: torch.nn.Module) -> FamilyVelocity:
+        ntt = int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
+        return FamilyVelocity(transformer, self.name, ntt)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0
+
+    # ----- schedule -----
+    def _mu(self, image_seq_len: int, num_steps: int) -> Optional[float]:
+        return None
+
+    def _default_sigmas(self, num_steps: int):
+        return None
+
+    def schedule(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """The ``K + 1`` sigmas the pipeline would use for ``latents`` (terminal 0 included)."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        retrieve = _module_function(self.pipe, "retrieve_timesteps")
+        kwargs = {}
+        mu = self._mu(self._image_seq_len(latents), num_steps)
+        if mu is not None:
+            kwargs["mu"] = mu
+        sigmas = self._default_sigmas(num_steps)
+        if sigmas is not None and scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None
+        retrieve(scheduler, num_steps, "cpu", sigmas=sigmas, **kwargs)
+        return scheduler.sigmas.to(torch.float32).clone()
+
+    def _image_seq_len(self, latents: torch.Tensor) -> int:
+        return latents.shape[1]
+
+    # ----- prompts / latents / decoding -----
+    def encode(self, prompts, guidance_scale: float, *, negative_prompt: Optional[str] = None, **call_kwargs) -> Conditioning:
+        raise NotImplementedError
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, generator, **kw) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def output_latents(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return x
+
+    def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Images in ``[0, 1]``, shape ``(B, 3, H, W)``, differentiable up to the final clamp."""
+        raise NotImplementedError
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+
+class SD3Adapter(FamilyAdapter):
+    """StableDiffusion3Pipeline (SD3 / SD3.5): CLIP-L + CLIP-G + T5, batched CFG, static shift."""
+
+    name = "sd3"
+    cfg_batched = True
+
+    def default_size(self):
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def _image_seq_len(self, latents):
+        p = self.pipe.transformer.config.patch_size
+        return (latents.shape[2] // p) * (latents.shape[3] // p)
+
+    def _mu(self, image_seq_len, num_steps):
+        cfg = self.pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting", False):
+            return None
+        calculate_shift = _module_function(self.pipe, "calculate_shift")
+        return calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.16),
+        )
+
+    def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=256, **_):
+        pipe = self.pipe
+        do_cfg = self.uses_cfg(guidance_scale)
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts),
+            do_classifier_free_guidance=do_cfg,
+            device=self.device,
+            max_sequence_length=max_sequence_length,
+        )
+        cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+        uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled} if do_cfg else None
+        return Conditioning(cond, uncond, guidance_scale if do_cfg else 1.0, True, list(prompts))
+
+    def prepare_latents(self, batch_size, height, width, generator, dtype=None, **_):
+        pipe = self.pipe
+        x = pipe.prepare_latents(
+            batch_size, pipe.transformer.config.in_channels, height, width, dtype or self.dtype, self.device, generator
+        )
+        return x, {}
+
+    def decode(self, x, height, width):
+        vae = self.pipe.vae
+        latents = (x / vae.config.scaling_factor) + vae.config.shift_factor
+        return self._vae_decode(latents)
+
+
+class FluxAdapter(FamilyAdapter):
+    """FluxPipeline (FLUX.1-dev / schnell): CLIP + T5, packed 2x2 latents, dynamic shift ``mu``.
+
+    ``guidance_scale`` is the embedded (distilled) guidance of FLUX.1-dev; no CFG is applied,
+    as in the pipeline's default call (``true_cfg_scale`` is not used).
+    """
+
+    name = "flux"
+
+    def uses_cfg(self, guidance_scale):
+        return False
+
+    def _default_sigmas(self, num_steps):
+        return np.linspace(1.0, 1 / num_steps, num_steps)
+
+    def _mu(self, image_seq_len, num_steps):
+        cfg = self.pipe.scheduler.config
+        calculate_shift = _module_function(self.pipe, "calculate_shift")
+        return calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+
+    def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, **_):
+        pipe = self.pipe
+        pe, pooled, text_ids = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+        )
+        cond = {"encoder_hidden_states": pe, "pooled_projections": pooled, "txt_ids": text_ids}
+        if pipe.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full([len(prompts)], float(guidance_scale), device=self.device, dtype=torch.float32)
+        return Conditioning(cond, None, 1.0, False, list(prompts), shared_keys=("txt_ids", "img_ids"))
+
+    def prepare_latents(self, batch_size, height, width, generator, dtype=None, **_):
+        pipe = self.pipe
+        x, ids = pipe.prepare_latents(
+            batch_size, pipe.transformer.config.in_channels // 4, height, width, dtype or self.dtype, self.device, generator
+        )
+        return x, {"img_ids": ids}
+
+    def decode(self, x, height, width):
+        pipe = self.pipe
+        vae = pipe.vae
+        latents = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        return self._vae_decode(latents)
+
+
+class Flux2KleinAdapter(FamilyAdapter):
+    """Flux2KleinPipeline (FLUX.2-klein): Qwen3 text encoder, CFG with separate calls, empirical ``mu``."""
+
+    name = "flux2-klein"
+
+    def uses_cfg(self, guidance_scale):
+        return guidance_scale > 1.0 and not self.pipe.config.get("is_distilled", False)
+
+    def _default_sigmas(self, num_steps):
+        return np.linspace(1.0, 1 / num_steps, num_steps)
+
+    def _mu(self, image_seq_len, num_steps):
+        compute_empirical_mu = _module_function(self.pipe, "compute_empirical_mu")
+        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
+
+    def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, text_encoder_out_layers=(9, 18, 27), **_):
+        pipe = self.pipe
+        kw = dict(device=self.device, max_sequence_length=max_sequence_length, text_encoder_out_layers=tuple(text_encoder_out_layers))
+        pe, text_ids = pipe.encode_prompt(prompt=list(prompts), **kw)
+        cond = {"encoder_hidden_states": pe, "txt_ids": text_ids}
+        uncond = None
+        do_cfg = self.uses_cfg(guidance_scale)
+        if do_cfg:
+            neg = "" if negative_prompt is None else negative_prompt
+            npe, ntext_ids = pipe.encode_prompt(prompt=[neg] * len(prompts), **kw)
+            uncond = {"encoder_hidden_states": npe, "txt_ids": ntext_ids}
+        return Conditioning(cond, uncond, guidance_scale if do_cfg else 1.0, False, list(prompts))
+
+    def prepare_latents(self, batch_size, height, width, generator, dtype=None, **_):
+        pipe = self.pipe
+        x, ids = pipe.prepare_latents(
+            batch_size=batch_size,
+            num_latents_channels=pipe.transformer.config.in_channels // 4,
+            height=height,
+            width=width,
+            dtype=dtype or self.dtype,
+            device=self.device,
+            generator=generator,
+        )
+        return x, {"img_ids": ids}
+
+    def output_latents(self, x, height, width):
+        pipe = self.pipe
+        vsf = pipe.vae_scale_factor
+        lh, lw = 2 * (int(height) // (vsf * 2)), 2 * (int(width) // (vsf * 2))
+        ids = pipe._prepare_latent_ids(torch.zeros(x.shape[0], 1, lh // 2, lw // 2)).to(x.device)
+        latents = pipe._unpack_latents_with_ids(x, ids, lh // 2, lw // 2)
+        bn_mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        bn_std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype
+        )
+        latents = latents * bn_std + bn_mean
+        return pipe._unpatchify_latents(latents)
+
+    def decode(self, x, height, width):
+        return self._vae_decode(self.output_latents(x, height, width))
+
+
+_PIPELINES = {
+    "StableDiffusion3Pipeline": SD3Adapter,
+    "FluxPipeline": FluxAdapter,
+    "Flux2KleinPipeline": Flux2KleinAdapter,
+}
+_TRANSFORMERS = {
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "Flux2Transformer2DModel": "flux2-klein",
+}
+SUPPORTED_FAMILIES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "flux2-klein": "FLUX.2-klein"}
+
+
+def family_of_pipeline(class_name: str) -> Optional[str]:
+    cls = _PIPELINES.get(class_name)
+    return None if cls is None else cls.name
+
+
+def family_of_transformer(class_name: str) -> Optional[str]:
+    return _TRANSFORMERS.get(class_name)
+
+
+def adapter_for(pipe) -> FamilyAdapter:
+    """The adapter of a loaded pipeline, or :class:`CheckpointError` for an unsupported family."""
+    cls = _PIPELINES.get(type(pipe).__name__)
+    if cls is None:
+        known = ", ".join(sorted(_PIPELINES))
+        raise CheckpointError(f"unsupported pipeline {type(pipe).__name__}; ngdiag supports {known}")
+    return cls(pipe)
+
+
+def call_kwargs_for(adapter: FamilyAdapter, **given) -> dict:
+    """Keep only the keyword arguments ``adapter.encode`` accepts (``max_sequence_length``...)."""
+    params = inspect.signature(adapter.encode).parameters
+    return {k: v for k, v in given.items() if k in params and v is not None}

@@ -1,0 +1,258 @@
+"""Euler sampling of flow-matching models, step for step as diffusers does it.
+
+Time convention (see ``docs/conventions.md``): ``x_t = (1 - t) x0 + t eps``, ``t = 1`` is noise,
+``t = 0`` data, velocity ``v = eps - x0``. A schedule is a decreasing tensor ``sigmas`` of
+``K + 1`` values from ``t_0`` (about 1) to ``t_K = 0``; step ``k`` goes from ``sigmas[k]`` to
+``sigmas[k + 1]`` with::
+
+    x_{k+1} = x_k + (t_{k+1} - t_k) * v_k
+
+computed exactly as ``FlowMatchEulerDiscreteScheduler.step`` computes it (state upcast to
+float32, result cast back to the velocity's dtype).
+
+Every model follows one contract: ``v = model(x, t, **cond)`` with ``t`` a float tensor of shape
+``(B,)`` in ``[0, 1]``. :class:`GuidedVelocity` adds classifier-free guidance on top of it;
+:func:`sample` runs the loop with a per-step callback and an ``enable_grad`` flag.
+
+Example:
+    >>> import torch
+    >>> from ngdiag.sampling import sample
+    >>> x1 = torch.ones(2, 3)
+    >>> sigmas = torch.tensor([1.0, 0.5, 0.0])
+    >>> out = sample(lambda x, t: x, x1, sigmas)   # dx/dt = x, integrated from t=1 to t=0
+    >>> out.x_final
+    tensor([[0.2500, 0.2500, 0.2500],
+            [0.2500, 0.2500, 0.2500]])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Protocol, Union
+
+import torch
+
+from ngdiag.errors import ConfigError
+
+__all__ = [
+    "VelocityModel",
+    "VelocityEval",
+    "GuidedVelocity",
+    "StepRecord",
+    "SampleResult",
+    "euler_step",
+    "sample",
+    "check_schedule",
+]
+
+
+class VelocityModel(Protocol):
+    """The velocity contract: ``v = model(x, t, **cond)``, ``t`` of shape ``(B,)`` in ``[0, 1]``."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class VelocityEval:
+    """Velocities computed at one ``(x_t, t)``.
+
+    Attributes:
+        cond: the conditional model output, shape of ``x``.
+        guided: the velocity after guidance (equals ``cond`` without CFG).
+        uncond: the unconditional output when CFG is used, else ``None``.
+        applied: the velocity the sampler steps with; ``None`` means ``guided``. Interventions
+            (renormalization) and paired evaluations set it.
+        extras: anything a paired or probing evaluation wants to pass to the step callback.
+    """
+
+    cond: torch.Tensor
+    guided: torch.Tensor
+    uncond: Optional[torch.Tensor] = None
+    applied: Optional[torch.Tensor] = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def step_velocity(self) -> torch.Tensor:
+        return self.guided if self.applied is None else self.applied
+
+
+def _cat_cond(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
+    out = {}
+    for key in a:
+        va, vb = a[key], b[key]
+        if isinstance(va, torch.Tensor) and va.dim() > 0 and vb is not None:
+            out[key] = torch.cat([va, vb], dim=0)
+        else:
+            out[key] = va
+    return out
+
+
+class GuidedVelocity:
+    """Classifier-free guidance around a velocity model.
+
+    ``v_guided = v_uncond + w * (v_cond - v_uncond)`` when ``uncond`` is given and ``w != 1``
+    (exactly the expression the diffusers pipelines use); otherwise ``v_guided = v_cond``.
+
+    Args:
+        model: any :class:`VelocityModel`.
+        cond: keyword arguments for the conditional call (prompt embeddings...).
+        uncond: keyword arguments for the unconditional call, or ``None`` for no CFG.
+        guidance_scale: ``w``.
+        batched: evaluate uncond and cond in one forward on the concatenated batch
+            ``[uncond; cond]``, as StableDiffusion3Pipeline does.
+    """
+
+    def __init__(
+        self,
+        model: VelocityModel,
+        cond: Optional[Mapping[str, Any]] = None,
+        uncond: Optional[Mapping[str, Any]] = None,
+        guidance_scale: float = 1.0,
+        batched: bool = False,
+    ):
+        self.model = model
+        self.cond = dict(cond or {})
+        self.uncond = None if uncond is None else dict(uncond)
+        self.guidance_scale = float(guidance_scale)
+        self.batched = batched
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.uncond is not None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> VelocityEval:
+        if not self.uses_cfg:
+            v = self.model(x, t, **self.cond)
+            return VelocityEval(cond=v, guided=v)
+        if self.batched:
+            both = self.model(torch.cat([x, x]), torch.cat([t, t]), **_cat_cond(self.uncond, self.cond))
+            v_uncond, v_cond = both.chunk(2)
+        else:
+            v_cond = self.model(x, t, **self.cond)
+            v_uncond = self.model(x, t, **self.uncond)
+        v_guided = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        return VelocityEval(cond=v_cond, guided=v_guided, uncond=v_uncond)
+
+
+@dataclass
+class StepRecord:
+    """What the per-step callback receives.
+
+    Attributes:
+        step: index ``k``.
+        t, t_next: ``sigmas[k]`` and ``sigmas[k + 1]`` as floats.
+        x: the state ``x_k`` at ``t``, shape ``(B, ...)``.
+        x_next: the state after the step.
+        velocity: the :class:`VelocityEval` at ``(x_k, t_k)``.
+    """
+
+    step: int
+    t: float
+    t_next: float
+    x: torch.Tensor
+    x_next: torch.Tensor
+    velocity: VelocityEval
+
+    @property
+    def v_cond(self) -> torch.Tensor:
+        return self.velocity.cond
+
+    @property
+    def v_guided(self) -> torch.Tensor:
+        return self.velocity.guided
+
+
+@dataclass
+class SampleResult:
+    """Output of :func:`sample`.
+
+    Attributes:
+        x_final: the state at ``sigmas[-1]``, shape of ``x_init``.
+        sigmas: the schedule used, ``(K + 1,)``.
+        states: ``[x_0, ..., x_K]`` when ``keep_states`` was set, else ``None``.
+    """
+
+    x_final: torch.Tensor
+    sigmas: torch.Tensor
+    states: Optional[list] = None
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step, the same arithmetic as ``FlowMatchEulerDiscreteScheduler.step``.
+
+    ``sigma`` and ``sigma_next`` are 0-dim tensors from the schedule. Low-precision states are
+    upcast to float32 for the update, as the scheduler does; float64 stays float64.
+    """
+    dt = sigma_next - sigma
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) + dt * v).to(v.dtype)
+
+
+def check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
+    """Validate a schedule: 1-D, at least two values, finite, strictly decreasing, within [0, 1]."""
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ConfigError(f"a schedule needs a 1-D tensor of at least 2 times, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all():
+        raise ConfigError("the schedule contains non-finite times")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ConfigError("the schedule must be strictly decreasing (t=1 is noise, t=0 is data)")
+    if sigmas.min() < 0 or sigmas.max() > 1:
+        raise ConfigError("schedule times must lie in [0, 1]")
+    return sigmas
+
+
+def _as_step_velocity(velocity) -> Callable[[torch.Tensor, torch.Tensor], VelocityEval]:
+    def call(x, t):
+        out = velocity(x, t)
+        if isinstance(out, VelocityEval):
+            return out
+        return VelocityEval(cond=out, guided=out)
+
+    return call
+
+
+def sample(
+    velocity: Union[VelocityModel, GuidedVelocity, Callable[..., Any]],
+    x_init: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    callback: Optional[Callable[[StepRecord], None]] = None,
+    intervention: Optional[Callable[[int, torch.Tensor, VelocityEval], torch.Tensor]] = None,
+    enable_grad: bool = False,
+    keep_states: bool = False,
+) -> SampleResult:
+    """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps.
+
+    Args:
+        velocity: a :class:`VelocityModel` called as ``velocity(x, t)`` (conditioning already bound),
+            a :class:`GuidedVelocity`, or any callable returning a tensor or a :class:`VelocityEval`.
+        x_init: the state at ``sigmas[0]``, shape ``(B, ...)``.
+        sigmas: decreasing schedule of ``K + 1`` times (float32 for diffusers parity).
+        callback: called after every step with a :class:`StepRecord`.
+        intervention: ``f(step, t, eval) -> v`` replacing the velocity the step applies
+            (e.g. renormalization); ``eval.applied`` is set to its result.
+        enable_grad: keep the autograd graph (for adjoints); default is no graph.
+        keep_states: also return the list of all states ``x_0 ... x_K``.
+    """
+    sigmas = check_schedule(sigmas)
+    step_velocity = _as_step_velocity(velocity)
+    batch = x_init.shape[0]
+    states = [x_init] if keep_states else None
+    grad_ctx = contextlib.nullcontext() if enable_grad else torch.no_grad()
+    x = x_init
+    with grad_ctx:
+        for k in range(sigmas.numel() - 1):
+            sigma, sigma_next = sigmas[k], sigmas[k + 1]
+            t = sigma.expand(batch).to(device=x.device, dtype=x.dtype)
+            ev = step_velocity(x, t)
+            if intervention is not None:
+                ev.applied = intervention(k, t, ev)
+            x_next = euler_step(x, ev.step_velocity, sigma.to(x.device), sigma_next.to(x.device))
+            if callback is not None:
+                callback(StepRecord(k, float(sigma), float(sigma_next), x, x_next, ev))
+            x = x_next
+            if keep_states:
+                states.append(x)
+    return SampleResult(x_final=x, sigmas=sigmas, states=states)

@@ -1,0 +1,568 @@
+"""Differentiable image rewards: ``reward(images, prompts) -> (B,)``.
+
+The contract, shared by every reward here:
+
+* ``images`` is a float tensor ``(B, 3, H, W)`` with values in ``[0, 1]``: the decoded VAE
+  output mapped from ``[-1, 1]`` by ``(x + 1) / 2``. Values are not clamped, so gradients reach
+  every pixel; clamp before calling if you want the usual post-processing.
+* ``prompts`` is a sequence of ``B`` strings (a single string is repeated), or ``None`` for
+  rewards with ``requires_prompts == False``.
+* The result is a float32 tensor ``(B,)`` on ``images.device``, differentiable with respect to
+  ``images``. Reward-model parameters are frozen (``requires_grad_(False)``, ``eval()``).
+
+Formulas, preprocessing and sources are in ``docs/rewards.md``.
+
+Example:
+    >>> import torch
+    >>> reward = load_reward("brightness")
+    >>> images = torch.full((2, 3, 8, 8), 0.25, requires_grad=True)
+    >>> reward(images).tolist()
+    [0.25, 0.25]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ngdiag.errors import CheckpointError, ConfigError
+from ngdiag.sensitivity.preprocess import ImagePreprocess, check_images, clip_preprocess, hpsv2_preprocess
+
+__all__ = [
+    "REWARD_KINDS",
+    "BaseReward",
+    "BrightnessReward",
+    "ClipScoreReward",
+    "ContrastReward",
+    "HPSv2Reward",
+    "OpenClipScoreReward",
+    "PickScoreReward",
+    "Reward",
+    "SaturationReward",
+    "load_reward",
+    "luma",
+]
+
+Prompts = Sequence[str] | str | None
+
+#: ITU-R BT.601 luma weights (what PIL's ``convert("L")`` uses).
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+#: Floor of the HPSv2-style saturation denominator, bounding its gradient by ``1 / floor``.
+SATURATION_FLOOR: float = 0.01
+
+_OPEN_CLIP_MISSING = "HPSv2 needs open_clip_torch: pip install 'ngdiag[hps]'"
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """What ngdiag's sensitivity code accepts as a reward.
+
+    ``reward(images, prompts)`` maps ``(B, 3, H, W)`` images in ``[0, 1]`` and ``B`` prompts to a
+    differentiable float32 ``(B,)`` tensor. ``name`` labels results; ``requires_prompts`` says
+    whether ``prompts`` may be ``None``.
+    """
+
+    name: str
+    requires_prompts: bool
+
+    def __call__(self, images: torch.Tensor, prompts: Prompts = None) -> torch.Tensor: ...
+
+
+class BaseReward(torch.nn.Module):
+    """Base class of ngdiag's rewards: checks inputs, then calls :meth:`score`.
+
+    Subclasses set ``name`` and ``requires_prompts`` and implement
+    ``score(images, prompts) -> (B,)``; ``prompts`` arrives as a list of ``B`` strings, or
+    ``None`` when the reward needs none.
+    """
+
+    name: str = "reward"
+    requires_prompts: bool = False
+
+    def forward(self, images: torch.Tensor, prompts: Prompts = None) -> torch.Tensor:
+        """Score ``images`` ``(B, 3, H, W)`` in [0, 1] against ``prompts``; returns float32 ``(B,)``."""
+        check_images(images)
+        batch = images.shape[0]
+        prompt_list = _prompt_list(prompts, batch) if self.requires_prompts else None
+        scores = self.score(images, prompt_list)
+        if scores.shape != (batch,):
+            raise ConfigError(f"reward {self.name} returned shape {tuple(scores.shape)}, expected ({batch},).")
+        return scores.to(device=images.device, dtype=torch.float32)
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        """The reward itself, on checked inputs; ``(B,)``."""
+        raise NotImplementedError
+
+
+def _prompt_list(prompts: Prompts, batch: int) -> list[str]:
+    if prompts is None:
+        raise ConfigError("this reward needs one prompt per image, got prompts=None.")
+    if isinstance(prompts, str):
+        return [prompts] * batch
+    prompt_list = list(prompts)
+    if len(prompt_list) != batch or not all(isinstance(p, str) for p in prompt_list):
+        raise ConfigError(f"expected {batch} prompt strings, one per image, got {len(prompt_list)} items.")
+    return prompt_list
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in image statistics: no weights, no prompts.
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of ``(B, 3, H, W)`` images: ``(B, H, W)``."""
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1)
+
+
+class BrightnessReward(BaseReward):
+    """Mean luma: ``mean_{h,w} (0.299 R + 0.587 G + 0.114 B)``, in [0, 1]."""
+
+    name = "brightness"
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        return luma(images).mean(dim=(1, 2))
+
+
+class ContrastReward(BaseReward):
+    """RMS contrast: the population standard deviation of luma over the pixels, in [0, 0.5]."""
+
+    name = "contrast"
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        return luma(images).flatten(1).std(dim=1, correction=0)
+
+
+class SaturationReward(BaseReward):
+    """Mean HSV saturation ``(max - min) / max(max, 0.01)`` over the pixels, in [0, 1].
+
+    ``max`` and ``min`` are over R, G, B. The floor of 0.01 on the denominator only changes
+    near-black pixels (value below 0.01) and bounds the gradient by 100 there.
+    """
+
+    name = "saturation"
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        cmax = images.amax(dim=1)
+        cmin = images.amin(dim=1)
+        return ((cmax - cmin) / cmax.clamp_min(SATURATION_FLOOR)).mean(dim=(1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP-family rewards.
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """Projected embeddings from ``get_*_features``: a tensor in transformers 4.x, an output object in 5.x."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise CheckpointError(f"unexpected CLIP feature output of type {type(output).__name__}.")
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return (a * b).sum(dim=-1)
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _existing_path(path: str | os.PathLike[str]) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ConfigError(f"reward weights not found: {path}")
+    return resolved
+
+
+def _param_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+def _load_clip_image_processor(path: Path) -> Any:
+    import transformers
+
+    # transformers 5 has a PIL-backed class that needs no torchvision; 4.x has only CLIPImageProcessor.
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"no CLIP image processor config in {path}.") from exc
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"no CLIP tokenizer in {path}.") from exc
+
+
+class _TransformersClipReward(BaseReward):
+    """A transformers ``CLIPModel`` scoring ``scale * cos(image_embeds, text_embeds)``."""
+
+    requires_prompts = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        preprocess: ImagePreprocess,
+        *,
+        max_length: int = 77,
+    ) -> None:
+        super().__init__()
+        self.model = _freeze(model)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        config = getattr(model, "config", None)
+        vision = getattr(config, "vision_config", None)
+        image_size = getattr(vision, "image_size", None)
+        if isinstance(image_size, int) and preprocess.output_size != (image_size, image_size):
+            raise ConfigError(
+                f"preprocessing makes {preprocess.output_size} images but the model expects {image_size}x{image_size}."
+            )
+        text = getattr(config, "text_config", None)
+        positions = getattr(text, "max_position_embeddings", None)
+        self.max_length = min(max_length, positions) if isinstance(positions, int) else max_length
+
+    def scale(self) -> torch.Tensor | float:
+        """The multiplier of the cosine similarity."""
+        raise NotImplementedError
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected (unnormalised) image embeddings ``(B, D)`` of ``[0, 1]`` images, differentiable."""
+        device, dtype = _param_device_dtype(self.model)
+        pixel_values = self.preprocess(images.to(device=device, dtype=torch.float32)).to(dtype)
+        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """Projected (unnormalised) text embeddings ``(B, D)``; prompts are truncated to ``max_length`` tokens."""
+        device, _ = _param_device_dtype(self.model)
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        tokens = {key: value.to(device) for key, value in tokens.items() if key in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            return _pooled(self.model.get_text_features(**tokens))
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        assert prompts is not None
+        cos = _cosine(self.image_embeds(images).float(), self.text_embeds(prompts).float())
+        return self.scale() * cos
+
+    @classmethod
+    def _load(
+        cls,
+        path: str | os.PathLike[str],
+        processor_path: str | os.PathLike[str] | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> tuple[torch.nn.Module, Any, ImagePreprocess]:
+        from transformers import CLIPModel
+
+        model_dir = _existing_path(path)
+        processor_dir = model_dir if processor_path is None else _existing_path(processor_path)
+        tokenizer = _load_tokenizer(processor_dir)
+        preprocess = clip_preprocess(_load_clip_image_processor(processor_dir))
+        try:
+            model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"cannot load a transformers CLIPModel from {path}.") from exc
+        # dtype after loading: transformers 4.x calls the argument torch_dtype, 5.x dtype.
+        return model.to(device=device, dtype=dtype or torch.float32), tokenizer, preprocess
+
+
+class PickScoreReward(_TransformersClipReward):
+    """PickScore (Kirstain et al., 2023): ``exp(logit_scale) * cos(image_embeds, text_embeds)``.
+
+    A CLIP-H model fine-tuned on Pick-a-Pic preferences; ``exp(logit_scale)`` is the learned
+    temperature (about 100). Images go through :func:`clip_preprocess` (shortest side to 224,
+    centre crop 224, the processor's mean / std); prompts are truncated to 77 tokens.
+    """
+
+    name = "pickscore"
+
+    def scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().float()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        processor_path: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PickScoreReward:
+        """Load a local PickScore folder (``config.json`` + weights, ``local_files_only``).
+
+        The tokenizer and image processor are read from ``processor_path`` when given, else from
+        ``path``; the reference pairs ``yuvalkirstain/PickScore_v1`` with the processor of
+        ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. ``dtype`` defaults to float32.
+        """
+        return cls(*cls._load(path, processor_path, device, dtype))
+
+
+class ClipScoreReward(_TransformersClipReward):
+    """CLIP score ``100 * cos(image_embeds, text_embeds)`` for any transformers CLIP folder.
+
+    Unlike torchmetrics' CLIPScore (``max(100 cos, 0)``) and Hessel et al.'s CLIP-S
+    (``2.5 max(cos, 0)``) the cosine is not clamped at 0, so the gradient never vanishes;
+    for positive cosines the value equals torchmetrics'.
+    """
+
+    name = "clip"
+
+    def scale(self) -> float:
+        return 100.0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        processor_path: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ClipScoreReward:
+        """Load a local transformers CLIP folder (model, tokenizer and image processor)."""
+        return cls(*cls._load(path, processor_path, device, dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip rewards (optional dependency).
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ConfigError(_OPEN_CLIP_MISSING) from exc
+    return open_clip
+
+
+def _open_clip_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for corrupt or foreign files
+        raise CheckpointError(f"cannot read reward weights from {path}.") from exc
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CheckpointError(f"{path} holds neither a state dict nor a {{'state_dict': ...}} checkpoint.")
+    if checkpoint and all(key.startswith("module.") for key in checkpoint):
+        checkpoint = {key[len("module.") :]: value for key, value in checkpoint.items()}
+    return checkpoint
+
+
+def _load_open_clip(
+    path: str | os.PathLike[str],
+    clip_arch: str,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> tuple[torch.nn.Module, Any]:
+    checkpoint_path = _existing_path(path)
+    open_clip = _import_open_clip()
+    try:
+        model = open_clip.create_model(clip_arch, pretrained=None)
+    except RuntimeError as exc:  # open_clip's error for an unknown architecture
+        raise ConfigError(f"unknown open_clip architecture {clip_arch!r}.") from exc
+    state_dict = _open_clip_state_dict(checkpoint_path)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match the open_clip architecture {clip_arch}.") from exc
+    model = model.to(device=device, dtype=dtype or torch.float32)
+    return model, open_clip.get_tokenizer(clip_arch)
+
+
+def _open_clip_image_size(model: torch.nn.Module) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ConfigError(f"only square open_clip image sizes are supported, got {tuple(size)}.")
+        size = size[0]
+    return int(size)
+
+
+class _OpenClipReward(BaseReward):
+    """An open_clip model scoring ``scale * cos(encode_image, encode_text)``."""
+
+    requires_prompts = True
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, preprocess: ImagePreprocess) -> None:
+        super().__init__()
+        self.model = _freeze(model)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    def scale(self) -> float:
+        raise NotImplementedError
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        assert prompts is not None
+        device, dtype = _param_device_dtype(self.model)
+        pixel_values = self.preprocess(images.to(device=device, dtype=torch.float32)).to(dtype)
+        image_features = self.model.encode_image(pixel_values)
+        with torch.no_grad():
+            text_features = self.model.encode_text(self.tokenizer(prompts).to(device))
+        return self.scale() * _cosine(image_features.float(), text_features.float())
+
+
+class OpenClipScoreReward(_OpenClipReward):
+    """:class:`ClipScoreReward`'s formula, ``100 * cos``, on an open_clip model."""
+
+    name = "clip"
+
+    def scale(self) -> float:
+        return 100.0
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clip_arch: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> OpenClipScoreReward:
+        """Load an open_clip checkpoint file for architecture ``clip_arch`` (needs open_clip_torch).
+
+        Preprocessing is CLIP's (shortest side, centre crop, OpenAI mean / std) at the model's
+        image size; ``dtype`` defaults to float32.
+        """
+        model, tokenizer = _load_open_clip(path, clip_arch, device, dtype)
+        size = _open_clip_image_size(model)
+        return cls(model, tokenizer, ImagePreprocess(layout="crop", size=size, crop_size=(size, size)))
+
+
+class HPSv2Reward(_OpenClipReward):
+    """HPSv2 / HPSv2.1 (Wu et al., 2023): ``cos(image_features, text_features)``, no temperature.
+
+    An open_clip ViT-H-14 fine-tuned on human preferences. The reference scorer
+    (``hpsv2/img_score.py``) takes the diagonal of ``image_features @ text_features.T`` with both
+    features L2-normalised, so scores are cosines (typically 0.2 to 0.35). Images go through
+    :func:`hpsv2_preprocess` (longest side to 224, black padding to a square, OpenAI mean / std).
+    """
+
+    name = "hpsv2"
+
+    def scale(self) -> float:
+        return 1.0
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clip_arch: str = "ViT-H-14",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> HPSv2Reward:
+        """Load ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` (needs open_clip_torch).
+
+        The file holds ``{"state_dict": ...}`` (a plain state dict is accepted too) for open_clip's
+        ``clip_arch`` built with ``pretrained=None``; nothing is downloaded. ``dtype`` defaults
+        to float32.
+        """
+        model, tokenizer = _load_open_clip(path, clip_arch, device, dtype)
+        return cls(model, tokenizer, hpsv2_preprocess(_open_clip_image_size(model)))
+
+
+# --------------------------------------------------------------------------------------------
+# Spec strings.
+
+_BUILTINS: dict[str, type[BaseReward]] = {
+    "brightness": BrightnessReward,
+    "contrast": ContrastReward,
+    "saturation": SaturationReward,
+}
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "pickscore": ("processor",),
+    "clip": ("processor", "arch"),
+    "hpsv2": ("arch",),
+}
+
+#: The reward kinds :func:`load_reward` understands.
+REWARD_KINDS: tuple[str, ...] = tuple(sorted([*_BUILTINS, *_OPTIONS]))
+
+
+def _parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
+    kind, sep, rest = spec.strip().partition(":")
+    kind = kind.strip().lower()
+    if kind not in REWARD_KINDS:
+        raise ConfigError(f"unknown reward kind {kind!r}; known kinds: {', '.join(REWARD_KINDS)}.")
+    if kind in _BUILTINS:
+        if sep:
+            raise ConfigError(f"reward {kind!r} takes no path or options, got {spec!r}.")
+        return kind, None, {}
+    path, *option_items = rest.split(",")
+    if not path.strip():
+        raise ConfigError(f"reward {kind!r} needs a path: {kind}:PATH.")
+    options: dict[str, str] = {}
+    for item in option_items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in _OPTIONS[kind] or not value.strip():
+            known = ", ".join(f"{k}=..." for k in _OPTIONS[kind])
+            raise ConfigError(f"bad option {item!r} for reward {kind!r}; known options: {known}.")
+        options[key] = value.strip()
+    return kind, path.strip(), options
+
+
+def load_reward(
+    spec: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> BaseReward:
+    """Build a reward from a spec string ``KIND[:PATH[,key=value...]]``.
+
+    Kinds:
+        ``brightness``, ``saturation``, ``contrast``: built-in image statistics, no path.
+        ``pickscore:DIR[,processor=DIR]``: :meth:`PickScoreReward.from_pretrained`.
+        ``hpsv2:FILE[,arch=ViT-H-14]``: :meth:`HPSv2Reward.from_checkpoint` (needs open_clip_torch).
+        ``clip:DIR[,processor=DIR]``: :meth:`ClipScoreReward.from_pretrained` on a transformers folder;
+        ``clip:FILE,arch=ARCH``: :meth:`OpenClipScoreReward.from_checkpoint` (needs open_clip_torch).
+
+    ``device`` and ``dtype`` (default float32) apply to reward models; everything loads from
+    local paths. Raises :class:`ConfigError` for an unknown kind or option, or a missing path,
+    and :class:`CheckpointError` for weights that do not load.
+
+    Example:
+        >>> load_reward("contrast").name
+        'contrast'
+    """
+    kind, path, options = _parse_spec(spec)
+    if path is None:
+        return _BUILTINS[kind]()
+    if kind == "pickscore":
+        return PickScoreReward.from_pretrained(
+            path, processor_path=options.get("processor"), device=device, dtype=dtype
+        )
+    if kind == "hpsv2":
+        return HPSv2Reward.from_checkpoint(path, clip_arch=options.get("arch", "ViT-H-14"), device=device, dtype=dtype)
+    # kind == "clip"
+    if _existing_path(path).is_dir():
+        if "arch" in options:
+            raise ConfigError("arch= applies to open_clip checkpoint files, not transformers folders.")
+        return ClipScoreReward.from_pretrained(path, processor_path=options.get("processor"), device=device, dtype=dtype)
+    if "arch" not in options:
+        raise ConfigError(f"an open_clip checkpoint needs its architecture: clip:{path},arch=ViT-B-32.")
+    if "processor" in options:
+        raise ConfigError("processor= applies to transformers folders, not open_clip checkpoint files.")
+    return OpenClipScoreReward.from_checkpoint(path, clip_arch=options["arch"], device=device, dtype=dtype)

@@ -1,0 +1,449 @@
+"""Tiny, offline flow-matching pipelines and planted checkpoints.
+
+Everything here is built from constructors under a fixed seed, with tokenizers built in
+memory, so tests, notebooks and users can exercise ngdiag without downloading anything.
+The models are random: their images are noise, but every code path (prompt encoding,
+packing, guidance, schedules, VAE decoding, LoRA, full fine-tunes) is the real diffusers one.
+
+Families: ``"sd3"`` (StableDiffusion3Pipeline), ``"flux"`` (FluxPipeline, FLUX.1-dev-like
+with guidance embedding), ``"flux-schnell"`` (FLUX.1 without guidance embedding) and
+``"flux2-klein"`` (Flux2KleinPipeline).
+
+Planted checkpoints have an effect of known size: :func:`save_scaled_finetune` multiplies the
+transformer's final output projection by ``scale`` (bias zeroed), so ``v_theta = scale * v_ref``
+at every input and the inflation is exactly ``scale - 1``.
+
+Example:
+    >>> from ngdiag.testing import tiny_pipeline
+    >>> pipe = tiny_pipeline("sd3")
+    >>> type(pipe).__name__
+    'StableDiffusion3Pipeline'
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ngdiag.errors import ConfigError
+
+FAMILIES = ("sd3", "flux", "flux-schnell", "flux2-klein")
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable characters GPT-2/CLIP byte-level BPE maps bytes to."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer with a character vocabulary and no merges (built in memory)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_chars():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A unigram T5 tokenizer over printable ASCII characters (built in memory)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    pieces += [("▁" + chr(c), -2.5) for c in range(97, 123)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level Qwen2 tokenizer with a character vocabulary and a chat template."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {}
+    for ch in _byte_chars():
+        vocab.setdefault(ch, len(vocab))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def _clip_text_config(projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=600,
+        hidden_act="gelu",
+        projection_dim=32,
+        max_position_embeddings=77,
+    )
+
+
+def _tiny_t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=160,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def tiny_pipeline(family: str = "sd3", *, seed: int = 0):
+    """Build a tiny random-weight diffusers pipeline of ``family`` on CPU, float32, in eval mode.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        seed: seed for every component's initialisation.
+    """
+    pipe = _build_tiny_pipeline(family, seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def _build_tiny_pipeline(family: str, seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family == "sd3":
+        from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import CLIPTextModelWithProjection
+
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=64,
+            out_channels=4,
+        )
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(True))
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(True))
+        torch.manual_seed(seed)
+        text_encoder_3 = _tiny_t5_encoder()
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        return StableDiffusion3Pipeline(
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer=tiny_clip_tokenizer(),
+            tokenizer_2=tiny_clip_tokenizer(),
+            tokenizer_3=tiny_t5_tokenizer(),
+            transformer=transformer,
+            vae=vae,
+        )
+
+    if family in ("flux", "flux-schnell"):
+        from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextModel
+
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=(family == "flux"),
+        )
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_clip_text_config(False))
+        torch.manual_seed(seed)
+        text_encoder_2 = _tiny_t5_encoder()
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+        )
+        return FluxPipeline(
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tiny_clip_tokenizer(),
+            tokenizer_2=tiny_t5_tokenizer(),
+            transformer=transformer,
+            vae=vae,
+        )
+
+    if family == "flux2-klein":
+        from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(seed)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            timestep_guidance_channels=256,
+            axes_dims_rope=[4, 4, 4, 4],
+            guidance_embeds=False,
+        )
+        config = Qwen3Config(
+            intermediate_size=16,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=300,
+            max_position_embeddings=512,
+        )
+        torch.manual_seed(seed)
+        text_encoder = Qwen3ForCausalLM(config)
+        torch.manual_seed(seed)
+        vae = AutoencoderKLFlux2(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+        )
+        return Flux2KleinPipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tiny_qwen_tokenizer(),
+            transformer=transformer,
+        )
+
+    raise ConfigError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+#: Call arguments that make the tiny pipelines fast and valid (image size, sequence length).
+TINY_CALL_KWARGS = {
+    "sd3": {"height": 32, "width": 32, "max_sequence_length": 16},
+    "flux": {"height": 32, "width": 32, "max_sequence_length": 16},
+    "flux-schnell": {"height": 32, "width": 32, "max_sequence_length": 16},
+    "flux2-klein": {"height": 32, "width": 32, "max_sequence_length": 32, "text_encoder_out_layers": (1, 2)},
+}
+
+
+def save_tiny_pipeline(path, family: str = "sd3", *, seed: int = 0) -> Path:
+    """Build :func:`tiny_pipeline` and save it as a diffusers pipeline folder (safetensors)."""
+    path = Path(path)
+    pipe = tiny_pipeline(family, seed=seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    _write_ngdiag_hints(path, family)
+    return path
+
+
+def _write_ngdiag_hints(path: Path, family: str) -> None:
+    """Record the tiny pipeline's call defaults so loaders and the CLI use valid sizes."""
+    hints = dict(TINY_CALL_KWARGS[family])
+    if "text_encoder_out_layers" in hints:
+        hints["text_encoder_out_layers"] = list(hints["text_encoder_out_layers"])
+    (path / "ngdiag_defaults.json").write_text(json.dumps({"family": family, "call_kwargs": hints}, indent=2))
+
+
+def _output_projection(transformer) -> torch.nn.Linear:
+    """The transformer's final linear layer that produces the velocity."""
+    for name in ("proj_out",):
+        layer = getattr(transformer, name, None)
+        if isinstance(layer, torch.nn.Linear):
+            return layer
+    raise ConfigError(f"{type(transformer).__name__} has no linear output projection 'proj_out'")
+
+
+def scale_output(transformer, scale: float) -> None:
+    """Multiply the transformer's output projection by ``scale`` and zero its bias (in place).
+
+    Afterwards ``v_theta(x, t, c) = scale * v_ref(x, t, c)`` exactly for every input, a planted
+    norm inflation of ``scale - 1``.
+    """
+    layer = _output_projection(transformer)
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.zero_()
+        layer.weight.mul_(scale)
+
+
+def zero_output_bias(transformer) -> None:
+    """Zero the output projection's bias, so that a planted scale acts multiplicatively."""
+    layer = _output_projection(transformer)
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.zero_()
+
+
+def save_planted_base(path, family: str = "sd3", *, seed: int = 0) -> Path:
+    """Save a tiny pipeline whose output projection has zero bias (the base for planted effects)."""
+    path = Path(path)
+    pipe = tiny_pipeline(family, seed=seed)
+    zero_output_bias(pipe.transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    _write_ngdiag_hints(path, family)
+    return path
+
+
+def save_scaled_finetune(base_path, out_path, scale: float) -> Path:
+    """Save a full fine-tune (transformer folder) of ``base_path`` with its output scaled by ``scale``."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
+    scale_output(pipe.transformer, scale)
+    out_path = Path(out_path)
+    pipe.transformer.save_pretrained(out_path, safe_serialization=True)
+    return out_path
+
+
+def save_lora_adapter(
+    base_path,
+    out_path,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    target_modules=("to_q", "to_k", "to_v", "to_out.0"),
+    init_scale: float = 0.05,
+    zero: bool = False,
+    seed: int = 0,
+    layout: str = "peft",
+) -> Path:
+    """Save a LoRA adapter on the base pipeline's transformer, as trainers save them.
+
+    Args:
+        base_path: a diffusers pipeline folder.
+        out_path: the adapter folder to write.
+        rank, alpha: LoRA rank ``r`` and ``lora_alpha`` (``alpha != rank`` exercises the scaling).
+        init_scale: standard deviation of the random A and B matrices (B is usually zero at init;
+            here it is random so the adapter has an effect).
+        zero: save an adapter whose B matrices are zero (no effect at all).
+        layout: ``"peft"`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT,
+            Flow-Factory, DiffusionNFT style); ``"diffusers"`` writes a single
+            ``pytorch_lora_weights.safetensors`` with diffusers' key names and alpha metadata.
+    """
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
+    model = get_peft_model(pipe.transformer, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * init_scale)
+            elif "lora_B" in name:
+                param.copy_(torch.zeros_like(param) if zero else torch.randn(param.shape, generator=gen) * init_scale)
+    out_path = Path(out_path)
+    if layout == "peft":
+        config.base_model_name_or_path = str(Path(base_path).resolve())
+        model.save_pretrained(out_path, safe_serialization=True)
+        return out_path
+    if layout == "diffusers":
+        prefix = "base_model.model."
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in get_peft_model_state_dict(model).items()}
+        pipe_cls = type(pipe)
+        pipe_cls.save_lora_weights(
+            out_path,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=config.to_dict(),
+            safe_serialization=True,
+        )
+        return out_path
+    raise ConfigError(f"unknown adapter layout {layout!r}; choose 'peft' or 'diffusers'")
