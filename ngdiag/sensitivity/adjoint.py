@@ -38,14 +38,16 @@ Example:
     >>> from ngdiag.sensitivity import norm_sensitivity
     >>> res = norm_sensitivity(
     ...     lambda x, t: -x,                     # dx/dt = -x
-    ...     torch.ones(2, 3, dtype=torch.float64),
+    ...     torch.ones(2, 1, dtype=torch.float64),
     ...     torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64),
     ...     lambda x: x.sum(dim=1),
     ... )
     >>> res.S.shape
     torch.Size([2, 2])
-    >>> res.S[:, 0].tolist()                     # a_{k+1} . d_k: a_2 = 1, a_1 = 0.5; d = x_k
-    [1.5, 2.25]
+    >>> res.S[:, 0].tolist()     # a_2 = 1, a_1 = 1.5; d_0 = 1, d_1 = 1.5: constant (linear field, uniform grid)
+    [1.5, 1.5]
+    >>> res.directional_derivative.tolist()      # x_K = (1 + 0.5 (1 + eps))^2, dR/deps = 1.5
+    [1.5, 1.5]
 """
 
 from __future__ import annotations
@@ -197,18 +199,23 @@ def _time_batch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(device=x.device, dtype=x.dtype).reshape(()).expand(x.shape[0])
 
 
-def _evaluate(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, where: str) -> torch.Tensor:
-    """Call the velocity and check what it returns; ``where`` names the step in messages."""
-    v = velocity(x, t)
-    if not isinstance(v, torch.Tensor) and isinstance(getattr(v, "step_velocity", None), torch.Tensor):
-        v = v.step_velocity  # an ngdiag.sampling.VelocityEval (e.g. from GuidedVelocity)
+def _evaluate(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, where: Callable[[], str]) -> torch.Tensor:
+    """Call the velocity and check what it returns; ``where()`` names the step in messages."""
+    v = _as_tensor(velocity(x, t))
     if not isinstance(v, torch.Tensor):
-        raise ConfigError(f"the velocity must return a tensor, got {type(v).__name__} {where}")
+        raise ConfigError(f"the velocity must return a tensor, got {type(v).__name__} {where()}")
     if v.shape != x.shape:
-        raise ConfigError(f"the velocity returned shape {tuple(v.shape)} {where}, expected {tuple(x.shape)} like x")
+        raise ConfigError(f"the velocity returned shape {tuple(v.shape)} {where()}, expected {tuple(x.shape)} like x")
     bad = _not_finite(v)
     if bad.any():
-        raise NumericalError(f"the velocity is not finite {where} for {_samples(bad)}")
+        raise NumericalError(f"the velocity is not finite {where()} for {_samples(bad)}")
+    return v
+
+
+def _as_tensor(v):
+    """Accept an ``ngdiag.sampling.VelocityEval`` (what ``GuidedVelocity`` returns) as its applied velocity."""
+    if not isinstance(v, torch.Tensor) and isinstance(getattr(v, "step_velocity", None), torch.Tensor):
+        return v.step_velocity
     return v
 
 
@@ -275,7 +282,7 @@ def _euler_states(velocity: Velocity, x_init: torch.Tensor, times: torch.Tensor,
     x = x_init
     with torch.set_grad_enabled(enable_grad):
         for k in range(times.numel() - 1):
-            v = _evaluate(velocity, x, _time_batch(times[k], x), _at_step(k, times))
+            v = _evaluate(velocity, x, _time_batch(times[k], x), lambda: _at_step(k, times))
             if enable_grad and not v.requires_grad:
                 raise _no_gradient(k, times)
             x = _euler_step(x, v, _step_size(times, k))
@@ -302,9 +309,7 @@ def _discrete_checkpointed(velocity, x_init, times, reward):
         S[k] = _dot(a, _applied_velocity(states, times64, k))
         x = states[k].detach().requires_grad_(True)
         with torch.enable_grad():
-            v = velocity(x, _time_batch(times[k], x))
-            if not isinstance(v, torch.Tensor):
-                v = v.step_velocity
+            v = _as_tensor(velocity(x, _time_batch(times[k], x)))
             if not v.requires_grad:
                 raise _no_gradient(k, times)
             (vjp,) = torch.autograd.grad(v, x, grad_outputs=a.to(v.dtype), allow_unused=True)
@@ -352,7 +357,8 @@ class _ScaledField:
         self.where = where
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        v = _evaluate(self.velocity, x, _time_batch(t, x), f"{self.where} at t={float(t):.4g}")
+        t = t.detach()
+        v = _evaluate(self.velocity, x, _time_batch(t, x), lambda: f"{self.where} at t={float(t):.4g}")
         return self.scale.reshape((-1,) + (1,) * (x.dim() - 1)).to(v.dtype) * v.to(x.dtype)
 
 

@@ -60,7 +60,7 @@ _OPEN_CLIP_MISSING = "HPSv2 needs open_clip_torch: pip install 'ngdiag[hps]'"
 
 @runtime_checkable
 class Reward(Protocol):
-    """What ngdiag's sensitivity code accepts as a reward.
+    """An image reward: any object with this shape (the classes below, or your own).
 
     ``reward(images, prompts)`` maps ``(B, 3, H, W)`` images in ``[0, 1]`` and ``B`` prompts to a
     differentiable float32 ``(B,)`` tensor. ``name`` labels results; ``requires_prompts`` says
@@ -194,6 +194,9 @@ def _param_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dt
 def _load_clip_image_processor(path: Path) -> Any:
     import transformers
 
+    if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        raise ConfigError(f"no CLIP image processor config in {path}.")
+
     # transformers 5 has a PIL-backed class that needs no torchvision; 4.x has only CLIPImageProcessor.
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     try:
@@ -204,6 +207,10 @@ def _load_clip_image_processor(path: Path) -> Any:
 
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
+
+    # Checked first: transformers 5 would build a 3-token placeholder CLIP tokenizer from config.json alone.
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise ConfigError(f"no CLIP tokenizer in {path}.")
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -522,6 +529,17 @@ def _parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
             raise ConfigError(f"bad option {item!r} for reward {kind!r}; known options: {known}.")
         options[key] = value.strip()
     return kind, path.strip(), options
+
+
+def parse_reward_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
+    """Validate a reward spec without loading weights: ``(kind, path, options)``.
+
+    Raises :class:`ConfigError` for an unknown kind or option, or weights that do not exist.
+    """
+    kind, path, options = _parse_spec(spec)
+    if path is not None:
+        _existing_path(path)
+    return kind, path, options
 
 
 def load_reward(

@@ -1,0 +1,195 @@
+"""``ngdiag audit`` and ``ngdiag merge``: parse, call :mod:`ngdiag.audit`, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ngdiag.errors import ConfigError
+
+DEFAULT_PROMPTS = [
+    "a photo of a red fox in a snowy forest",
+    "a bowl of fresh fruit on a wooden table",
+    "a lighthouse on a rocky coast at sunset",
+    "a portrait of an elderly man with a grey beard",
+    "a city street in the rain at night",
+    "a watercolor painting of a mountain lake",
+    "a cup of coffee next to an open book",
+    "a golden retriever running on a beach",
+]
+
+
+def read_prompts(prompts_file: Optional[Path], prompts: Optional[List[str]]) -> list:
+    """Prompts from ``--prompts FILE`` (one per line, blank lines ignored) and/or ``--prompt``."""
+    out = []
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"prompt file not found: {path}")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        file_prompts = [line for line in lines if line]
+        if not file_prompts:
+            raise ConfigError(f"prompt file {path} has no prompts (it is empty or blank)")
+        out += file_prompts
+    if prompts:
+        if any(not p.strip() for p in prompts):
+            raise ConfigError("--prompt must not be empty")
+        out += list(prompts)
+    return out or list(DEFAULT_PROMPTS)
+
+
+def format_human(summary: dict) -> str:
+    inf = summary["inflation"]
+    pct = lambda v: f"{100 * v:+.2f} %"  # noqa: E731
+    lines = [
+        f"checkpoint : {summary['checkpoint']}",
+        f"base       : {summary['base']}",
+        f"family     : {summary['family']}",
+        f"samples    : {summary['num_samples']} x {summary['num_steps']} steps",
+        f"inflation  : {pct(inf['value'])}  [{pct(inf['ci_low'])}, {pct(inf['ci_high'])}] "
+        f"({100 * inf['confidence']:.0f} % CI, tolerance ±{100 * inf['tolerance']:.1f} %)",
+        f"verdict    : {summary['verdict']}",
+    ]
+    if "reward" in summary:
+        for row in summary["reward"]["rows"]:
+            lines.append(f"reward {row['model']:<10}: {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']})")
+    if "renorm" in summary:
+        r = summary["renorm"]
+        for key in ("rl_relative_distance_to_base_mean", "rl_renorm_relative_distance_to_base_mean"):
+            if key in r:
+                lines.append(f"{key.replace('_', ' ')}: {r[key]:.4f}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    def __init__(self, quiet: bool, desc: str):
+        self.bar = None
+        self.quiet = quiet
+        self.desc = desc
+
+    def __call__(self, done: int, total: int):
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="batch", file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def audit(
+        checkpoint: Annotated[str, typer.Argument(help="RL checkpoint: pipeline folder, transformer folder, PEFT adapter or LoRA file.")],
+        base: Annotated[Optional[str], typer.Option(help="Pretrained base pipeline folder (the reference).")] = None,
+        prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line.")] = None,
+        prompt: Annotated[Optional[List[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+        num_samples: Annotated[Optional[int], typer.Option(help="Number of samples (default: one per prompt).")] = None,
+        steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
+        guidance_scale: Annotated[float, typer.Option(help="CFG scale (embedded guidance for FLUX.1).")] = 4.5,
+        height: Annotated[Optional[int], typer.Option(help="Image height (default: the pipeline's).")] = None,
+        width: Annotated[Optional[int], typer.Option(help="Image width (default: the pipeline's).")] = None,
+        seed: Annotated[int, typer.Option(help="Sample i uses seed + i.")] = 0,
+        batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
+        trajectory: Annotated[str, typer.Option(help="theta (the fine-tune's own trajectory) or ref.")] = "theta",
+        renorm: Annotated[bool, typer.Option("--renorm", help="Also sample RL+renorm (paper eq. 3) and the base.")] = False,
+        reward: Annotated[Optional[str], typer.Option(help="Reward spec, e.g. pickscore:/models/pickscore or brightness.")] = None,
+        tolerance: Annotated[float, typer.Option(help="Verdict tolerance as a fraction (0.01 = 1 %).")] = 0.01,
+        confidence: Annotated[float, typer.Option(help="Confidence level of the interval.")] = 0.95,
+        out: Annotated[Path, typer.Option(help="Output folder.")] = Path("audit-out"),
+        device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+        dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+        output_format: Annotated[str, typer.Option("--format", help="human or json (summary to stdout).")] = "human",
+        fail_on_inflation: Annotated[Optional[float], typer.Option(help="Exit 1 when the CI's lower end exceeds this inflation in percent.")] = None,
+        shard: Annotated[Optional[str], typer.Option(help="Run shard i/n of the batches; join with ngdiag merge.")] = None,
+        allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle weights.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    ):
+        """Audit a checkpoint for velocity-norm inflation against its base.
+
+        Writes report.html, summary.json, steps.csv and records.parquet into --out. A killed
+        audit rerun with the same arguments resumes.
+
+        Example: ngdiag audit runs/nft/checkpoint-200/lora --base models/sd35m --prompts prompts.txt --num-samples 64
+        """
+        from ngdiag.audit import AuditConfig, parse_shard, run_audit
+        from ngdiag.cli import _device, _dtype
+        from ngdiag.generation import SamplingConfig
+        from ngdiag.models.loading import load_checkpoint
+
+        if output_format not in ("human", "json"):
+            raise ConfigError(f"--format must be human or json, got {output_format!r}")
+        if fail_on_inflation is not None and fail_on_inflation < 0:
+            raise ConfigError("--fail-on-inflation must be a non-negative percentage")
+        shard_spec = parse_shard(shard)
+        prompts = read_prompts(prompts_file, prompt)
+        if reward is not None:
+            from ngdiag.sensitivity.rewards import parse_reward_spec
+
+            parse_reward_spec(reward)
+        config = AuditConfig(
+            prompts=prompts,
+            num_samples=num_samples,
+            sampling=SamplingConfig(num_steps=steps, guidance_scale=guidance_scale, height=height, width=width),
+            seed=seed,
+            batch_size=batch_size,
+            trajectory=trajectory,
+            renorm=renorm,
+            reward=reward,
+            tolerance=tolerance,
+            confidence=confidence,
+        )
+        from ngdiag.audit import prepare_output
+
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output path {out} exists and is not a folder")
+        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
+        ckpt.require_ref()
+        prepare_output(out, config.fingerprint(ckpt.describe()), list(shard_spec), overwrite=overwrite)
+        progress = _Progress(quiet, "audit")
+        try:
+            result = run_audit(ckpt, config, out_dir=out, shard=shard_spec, overwrite=overwrite, progress=progress)
+        finally:
+            progress.close()
+        if result is None:
+            typer.echo(f"shard {shard_spec[0]}/{shard_spec[1]} done: {out}", err=True)
+            return 0
+        summary = json.loads((out / "summary.json").read_text())
+        typer.echo(json.dumps(summary, indent=2) if output_format == "json" else format_human(summary))
+        if output_format == "human" and not quiet:
+            typer.echo(f"report: {out / 'report.html'}", err=True)
+        if fail_on_inflation is not None and summary["inflation"]["ci_low"] * 100 > fail_on_inflation:
+            typer.echo(
+                f"inflation check failed: CI low {100 * summary['inflation']['ci_low']:.2f} % > {fail_on_inflation} %",
+                err=True,
+            )
+            return 1
+        return 0
+
+    @app.command()
+    def merge(
+        shards: Annotated[List[Path], typer.Argument(help="Output folders of the shards of one audit.")],
+        out: Annotated[Path, typer.Option(help="Output folder of the merged audit.")] = Path("audit-merged"),
+        output_format: Annotated[str, typer.Option("--format", help="human or json.")] = "human",
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    ):
+        """Join the shards of an audit (run with --shard i/n) into one result.
+
+        Example: ngdiag merge out-0 out-1 out-2 out-3 --out audit
+        """
+        from ngdiag.audit import merge_audits
+
+        result = merge_audits(shards, out, overwrite=overwrite)
+        summary = result.summary()
+        typer.echo(json.dumps(summary, indent=2) if output_format == "json" else format_human(summary))
+        return 0

@@ -1,0 +1,192 @@
+"""Probe a live diffusers pipeline call: ``with ngdiag.probe(pipe, ref=...) as rec: pipe(...)``.
+
+The probe hooks two places and removes both hooks when the block exits (also on error):
+
+- a forward hook on ``pipe.transformer``: after each transformer call it evaluates the reference
+  on the same inputs (``ref`` a transformer, or ``None`` for a LoRA pipeline: the same transformer
+  with its adapters switched off);
+- a wrapper around ``pipe.scheduler.step``: there the calls of the step are combined into the
+  conditional and guided velocities of theta and ref, recorded, and, if asked, the guided
+  velocity is renormalized before the scheduler applies it.
+
+The guidance combination is recovered from the calls themselves: one call on a doubled batch
+is ``[uncond; cond]`` (SD3), two calls are ``cond`` then ``uncond`` (FLUX.2, FLUX.1 true CFG), one
+call is ``cond`` alone. The scale ``w`` is solved from the scheduler's input and checked, so the
+probe refuses pipelines whose guided velocity is not ``uncond + w (cond - uncond)``.
+
+Without an intervention the probe only reads: the pipeline's images are bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.models.loading import adapters_disabled
+from ngdiag.probes.metrics import compare_velocities
+from ngdiag.probes.records import CALLS, NormRecord, StepRecorder
+from ngdiag.probes.renorm import cfg_renorm, rl_renorm
+
+__all__ = ["probe", "LiveProbe"]
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample
+
+
+class LiveProbe:
+    """What ``probe`` yields: call :meth:`record` (or read :attr:`records`) after the pipeline call."""
+
+    def __init__(self, pipe, ref=None, *, renorm: Optional[str] = None, rtol: float = 1e-4):
+        if renorm not in (None, "rl", "cfg"):
+            raise ConfigError(f"renorm must be 'rl', 'cfg' or None, got {renorm!r}")
+        self.pipe = pipe
+        self.ref = ref
+        self.renorm = renorm
+        self.rtol = rtol
+        self.records: list[NormRecord] = []
+        self._calls: list = []
+        self._inside = False
+        self._recorder: Optional[StepRecorder] = None
+        self._offset = 0
+        self._batch = None
+
+    # ----- transformer hook -----
+    def _after_forward(self, module, args, kwargs, output):
+        if self._inside:
+            return None
+        self._inside = True
+        try:
+            with torch.no_grad():
+                if self.ref is None:
+                    with adapters_disabled(module):
+                        ref_out = module(*args, **kwargs)
+                else:
+                    ref_out = self.ref(*args, **kwargs)
+        finally:
+            self._inside = False
+        self._calls.append((_first_tensor(output).detach(), _first_tensor(ref_out).detach()))
+        return None
+
+    # ----- scheduler hook -----
+    def _combine(self, calls, guided_theta: torch.Tensor):
+        """(theta_cond, theta_guided_rebuilt, ref_cond, ref_guided) from the step's calls."""
+        n = guided_theta.shape[0]
+        cut = lambda v: v[:, : guided_theta.shape[1]] if v.dim() == 3 else v  # noqa: E731  (klein image tokens)
+        if len(calls) == 1 and calls[0][0].shape[0] == 2 * n:
+            t_unc, t_cond = cut(calls[0][0]).chunk(2)
+            r_unc, r_cond = cut(calls[0][1]).chunk(2)
+        elif len(calls) == 2 and all(c[0].shape[0] == n for c in calls):
+            t_cond, t_unc = cut(calls[0][0]), cut(calls[1][0])
+            r_cond, r_unc = cut(calls[0][1]), cut(calls[1][1])
+        elif len(calls) == 1 and calls[0][0].shape[0] == n:
+            t_cond, r_cond = cut(calls[0][0]), cut(calls[0][1])
+            return t_cond, t_cond, r_cond, r_cond
+        else:
+            raise ConfigError(f"the probe cannot interpret {len(calls)} transformer calls in one scheduler step")
+        diff = (t_cond - t_unc).double()
+        denom = (diff * diff).sum()
+        w = float(((guided_theta.double() - t_unc.double()) * diff).sum() / denom) if denom > 0 else 1.0
+        w = round(w, 4)
+        rebuilt = t_unc + w * (t_cond - t_unc)
+        err = (rebuilt.double() - guided_theta.double()).norm() / guided_theta.double().norm().clamp_min(1e-30)
+        if err > self.rtol:
+            raise ConfigError("the pipeline's guided velocity is not uncond + w (cond - uncond); the probe cannot pair it")
+        return t_cond, guided_theta, r_cond, r_unc + w * (r_cond - r_unc)
+
+    def _wrap_step(self, original):
+        def step(model_output, timestep, sample, *args, **kwargs):
+            calls, self._calls = self._calls, []
+            if not calls:
+                return original(model_output, timestep, sample, *args, **kwargs)
+            n = model_output.shape[0]
+            if self._recorder is None or self._batch != n:
+                self._start_record(n)
+            scheduler = self.pipe.scheduler
+            if scheduler.step_index is None:
+                scheduler._init_step_index(timestep)
+            k = scheduler.step_index
+            t, t_next = float(scheduler.sigmas[k]), float(scheduler.sigmas[k + 1])
+            t_cond, t_guided, r_cond, r_guided = self._combine(calls, model_output)
+            if not torch.isfinite(t_guided).all():
+                bad = (~torch.isfinite(t_guided.reshape(n, -1)).all(1)).nonzero().flatten().tolist()
+                raise NumericalError(f"theta's velocity is not finite at step {k} (t={t:.4f}) for samples {bad}")
+            self._recorder.add(t, t_next, {
+                "guided": compare_velocities(t_guided, r_guided, step=k),
+                "cond": compare_velocities(t_cond, r_cond, step=k),
+            })
+            if self.renorm == "rl":
+                model_output = rl_renorm(model_output, r_guided, step=k).to(model_output.dtype)
+            elif self.renorm == "cfg":
+                model_output = cfg_renorm(model_output, t_cond, step=k).to(model_output.dtype)
+            out = original(model_output, timestep, sample, *args, **kwargs)
+            if scheduler.step_index is not None and scheduler.step_index >= len(scheduler.sigmas) - 1:
+                self._finish_record()
+            return out
+
+        return step
+
+    def _start_record(self, n: int):
+        self._finish_record()
+        self._batch = n
+        self._recorder = StepRecorder(range(self._offset, self._offset + n), CALLS)
+
+    def _finish_record(self):
+        if self._recorder is not None and self._recorder._times:
+            self.records.append(self._recorder.record())
+            self._offset += self._batch
+        self._recorder = None
+
+    def record(self) -> NormRecord:
+        """All pipeline calls made inside the block, joined along samples (ids 0, 1, ...)."""
+        self._finish_record()
+        if not self.records:
+            raise ConfigError("the probe recorded nothing: call the pipeline inside the with-block")
+        return NormRecord.concat(self.records) if len(self.records) > 1 else self.records[0]
+
+    def to_frame(self):
+        return self.record().to_frame()
+
+
+@contextlib.contextmanager
+def probe(pipe, ref=None, *, renorm: Optional[str] = None):
+    """Record ``||v_theta||/||v_ref||`` during ``pipe(...)`` calls inside the block.
+
+    Args:
+        pipe: a diffusers flow-matching pipeline (SD3, FLUX.1, FLUX.2-klein...).
+        ref: the reference transformer; ``None`` when ``pipe.transformer`` carries a LoRA adapter
+            (the reference is then the same transformer with the adapter switched off).
+        renorm: ``None`` (read only, images unchanged), ``"rl"`` (eq. 3) or ``"cfg"`` (eq. 2).
+
+    Example:
+        >>> with probe(pipe, ref=base.transformer) as rec:          # doctest: +SKIP
+        ...     images = pipe(["a cat"], num_inference_steps=28).images
+        >>> rec.record().ratio.mean()                               # doctest: +SKIP
+    """
+    live = LiveProbe(pipe, ref, renorm=renorm)
+    if ref is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules()):
+            raise ConfigError("probe needs ref=: the pipeline's transformer has no LoRA adapter to switch off")
+    handle = pipe.transformer.register_forward_hook(live._after_forward, with_kwargs=True)
+    scheduler = pipe.scheduler
+    had_own = "step" in scheduler.__dict__
+    original = scheduler.step
+    scheduler.step = live._wrap_step(original)
+    try:
+        yield live
+    finally:
+        handle.remove()
+        if had_own:
+            scheduler.step = original
+        else:
+            del scheduler.step
+        live._finish_record()
