@@ -131,6 +131,19 @@ def test_penalty_shape_mismatch_is_a_config_error():
         normguard_penalty(t64([[1.0, 2.0]]), t64([[1.0, 2.0, 3.0]]), 1.0)
 
 
+def test_penalty_half_precision_inputs_are_computed_in_float32():
+    # same numbers as the eq. 7 test, exactly representable in bfloat16
+    v_theta = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=torch.bfloat16, requires_grad=True)
+    v_ref = torch.tensor([[0.0, 4.0], [0.0, 2.0]], dtype=torch.bfloat16)
+    p = normguard_penalty(v_theta, v_ref, lam=2.0)
+    assert p.per_sample.dtype == torch.float32
+    assert p.per_sample.tolist() == [1.125, 0.0]
+    p.loss.backward()
+    assert v_theta.grad.dtype == torch.bfloat16
+    # 2 * 2 * [3, 4] / 16 / 2 = [.375, .5]
+    assert v_theta.grad.float().tolist() == [[0.375, 0.5], [0.0, 0.0]]
+
+
 def test_penalty_lam_zero_is_zero_but_keeps_diagnostics():
     p = normguard_penalty(t64([[2.0, 0.0]]), t64([[1.0, 0.0]]), 0.0)
     assert p.loss.item() == 0.0
@@ -242,6 +255,8 @@ def test_awm_log_prob_weightings_by_hand():
     assert awm_log_prob(v, target, t).item() == -0.5
     assert awm_log_prob(v, target, t, weighting="t").item() == -0.25
     assert awm_log_prob(v, target, t, weighting="t**2").item() == -0.125
+    # a Python float t keeps float64 precision: -0.5 * 0.3 is exactly -0.15 in float64
+    assert awm_log_prob(v, target, 0.3, weighting="t").item() == -0.15
     # -(sqrt(0.5 + 1e-10) - 1e-5) * 0.5
     assert awm_log_prob(v, target, t, weighting="huber").item() == pytest.approx(-0.35354839062862914, rel=1e-12)
     # -((0.5 + 1e-10)^.25 - (1e-10)^.25) * 0.5 / .25
@@ -287,7 +302,8 @@ def test_awm_gradient_inside_the_clip_range():
     # v_theta = [1.5, 1] (l = -.125), v_old = [0, 1] (l = -.5): ratio e^.375 inside [.5, 1.5], A = 1
     # loss = -ratio ; d/dv = -ratio * dl/dv = -e^.375 * (-2 [.5, 0] / 2) = [e^.375 / 2, 0]
     v_theta = t64([[1.5, 1.0]], grad=True)
-    out = awm_loss(v_theta, t64([[0.0, 1.0]]), t64([[0.0, 0.0]]), t64([[1.0, 1.0]]), 0.3, 1.0, clip_range=(-0.5, 0.5))
+    v_old, x0, eps = t64([[0.0, 1.0]]), t64([[0.0, 0.0]]), t64([[1.0, 1.0]])
+    out = awm_loss(v_theta, v_old, x0, eps, 0.3, 1.0, clip_range=(-0.5, 0.5))
     assert out.total.item() == pytest.approx(-1.4549914146182013, abs=1e-12)
     out.total.backward()
     assert torch.allclose(v_theta.grad, t64([[0.7274957073091007, 0.0]]), rtol=0, atol=1e-12)
@@ -357,7 +373,9 @@ def _bases():
         beta=0.5, adv_clip_max=2.0, kl_beta=0.1, v_ref=c["v_ref"],
     )
     v = t64([[1.0, 3.0], [0.0, 1.0]], grad=True)
-    awm = awm_loss(v, t64([[0.0, 1.0], [1.0, 1.0]]), t64([[0.0, 0.0]] * 2), t64([[1.0, 1.0]] * 2), 0.5, t64([1.0, -2.0]))
+    awm = awm_loss(
+        v, t64([[0.0, 1.0], [1.0, 1.0]]), t64([[0.0, 0.0]] * 2), t64([[1.0, 1.0]] * 2), 0.5, t64([1.0, -2.0])
+    )
     d = _dpo_case()
     # non-zero reference velocities, as a trained reference has (a zero norm is a NumericalError)
     d["v_ref_w"] = t64([[1.0, 0.0], [0.5, 0.5]])

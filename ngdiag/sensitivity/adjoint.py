@@ -306,6 +306,7 @@ def _discrete_checkpointed(velocity, x_init, times, reward):
     adjoints = [a]
     S = torch.empty(steps, batch, dtype=torch.float64)
     for k in reversed(range(steps)):
+        S[k] = _dot(a, _applied_velocity(states, times64, k))
         x = states[k].detach().requires_grad_(True)
         with torch.enable_grad():
             v = _as_tensor(velocity(x, _time_batch(times[k], x)))

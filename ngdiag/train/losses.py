@@ -149,7 +149,10 @@ def _check_positive(name: str, value: float) -> float:
 
 def _per_sample(name: str, value, batch: int, like: torch.Tensor) -> torch.Tensor:
     """A per-sample quantity (float, 0-dim or ``(B,)`` tensor) as a ``(B,)`` tensor on ``like``'s device."""
-    value = torch.as_tensor(value, device=like.device)
+    if isinstance(value, torch.Tensor):
+        value = value.to(like.device)
+    else:  # Python numbers keep their full precision until the caller casts
+        value = torch.as_tensor(value, dtype=torch.float64, device=like.device)
     if value.dim() == 0:
         value = value.expand(batch)
     elif value.shape != (batch,):
