@@ -210,7 +210,8 @@ def main(argv=None):
     print(f"device {device}, latents {tuple(x_init.shape)}, conv velocity hidden={args.hidden}")
     print(f"{'mode':<12} {'steps':>5} {'saved MiB':>10} {'states MiB':>11}" + (f" {'cuda MiB':>9}" if cuda else ""))
     for r in memory:
-        line = f"{r['mode']:<12} {r['steps']:>5} {r['peak_saved_bytes'] / 2**20:>10.2f} {r['states_bytes'] / 2**20:>11.2f}"
+        saved, states = r["peak_saved_bytes"] / 2**20, r["states_bytes"] / 2**20
+        line = f"{r['mode']:<12} {r['steps']:>5} {saved:>10.2f} {states:>11.2f}"
         print(line + (f" {r['cuda_peak_bytes'] / 2**20:>9.2f}" if cuda else ""))
     for mode, ratios in result["memory_ratio_many_over_few"].items():
         text = ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items())

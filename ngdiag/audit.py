@@ -76,6 +76,8 @@ class AuditConfig:
             RL+renorm images (the paper's Table 1 row).
         tolerance, confidence, bootstrap, n_resamples: the verdict's statistics.
         grid_size: how many samples appear in the report's image grid.
+        fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
+            (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster).
     """
 
     prompts: list
@@ -92,6 +94,7 @@ class AuditConfig:
     bootstrap: str = "BCa"
     n_resamples: int = 2000
     grid_size: int = 4
+    fuse_lora: Optional[bool] = None
 
     def __post_init__(self):
         self.prompts = [str(p) for p in self.prompts]
@@ -297,7 +300,13 @@ class _BatchRunner:
         batch = prepare_batch(self.ckpt, prompts, seeds, cfg.sampling, sample_ids=ids)
         theta_g = batch.conditioning.guided(self.ckpt.theta)
         ref_g = batch.conditioning.guided(self.ref)
-        paired = PairedVelocity(theta_g, ref_g, batch.sigmas, ids, trajectory=cfg.trajectory)
+        fused = None
+        if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self.ckpt.adapter.device.type == "cuda")):
+            from ngdiag.models.loading import ADAPTER_NAME
+            from ngdiag.probes.paired import FusedLoraPair
+
+            fused = FusedLoraPair(batch.conditioning, self.ckpt.theta, ADAPTER_NAME)
+        paired = PairedVelocity(theta_g, ref_g, batch.sigmas, ids, trajectory=cfg.trajectory, fused=fused)
         main = sample(paired, batch.x_init, batch.sigmas)
         out = {"record": paired.recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": []}
         needs_extra = cfg.renorm or cfg.reward is not None

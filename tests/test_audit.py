@@ -241,3 +241,13 @@ def test_nan_checkpoint_names_step_and_samples(tiny_bases, tmp_path):
                              "--steps", 2, "--out", tmp_path / "o", "--quiet")
     assert code == 2
     assert "not finite at step 0" in err and "samples [0, 1]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fused_lora_pair_matches_two_passes(tiny_bases, tmp_path):
+    lora = save_lora_adapter(tiny_bases["flux2-klein"], tmp_path / "lora", rank=4, alpha=8.0)
+    ckpt = load_checkpoint(lora, tiny_bases["flux2-klein"])
+    base_cfg = dict(prompts=PROMPTS, sampling=SamplingConfig(num_steps=3, guidance_scale=4.0), batch_size=3)
+    separate = run_audit(ckpt, AuditConfig(**base_cfg, fuse_lora=False)).record
+    fused = run_audit(ckpt, AuditConfig(**base_cfg, fuse_lora=True)).record
+    torch.testing.assert_close(fused.ratio, separate.ratio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.cos, separate.cos, rtol=1e-5, atol=1e-6)

@@ -184,7 +184,8 @@ def test_continuous_approaches_discrete_as_steps_grow():
     for steps in (8, 16, 32):
         times = shifted_schedule(steps)
         discrete = norm_sensitivity(field, x0, times, reward)
-        continuous = norm_sensitivity(field, x0, times, reward, method="continuous", solver="rk4", continuous_substeps=4)
+        continuous = norm_sensitivity(field, x0, times, reward, method="continuous", solver="rk4",
+                                      continuous_substeps=4)
         errors[steps] = rel(discrete.S, continuous.S)
     assert errors[8] < 0.1
     assert errors[16] < errors[8] / 1.6
@@ -351,7 +352,8 @@ def test_result_statistics_and_frames_agree_with_pandas():
     assert torch.allclose(torch.tensor(summary["std"].values), torch.tensor(by_step.std(ddof=1).values))
     assert torch.allclose(res.nsr, res.std / res.mean.abs())
     assert torch.allclose(res.stderr, res.std / BATCH**0.5)
-    assert torch.allclose(torch.tensor(summary["frac_positive"].values), torch.tensor(by_step.apply(lambda s: (s > 0).mean()).values))
+    positive = by_step.apply(lambda s: (s > 0).mean())
+    assert torch.allclose(torch.tensor(summary["frac_positive"].values), torch.tensor(positive.values))
     assert "steps=5" in repr(res)
 
 

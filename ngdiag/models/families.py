@@ -73,6 +73,19 @@ class Conditioning:
         uncond = None if self.uncond is None else {**self.uncond, **inputs}
         return Conditioning(cond, uncond, self.guidance_scale, self.batched, self.prompts, self.shared_keys)
 
+    def repeat(self, n: int) -> "Conditioning":
+        """The conditioning of the batch repeated ``n`` times along samples (``[c; c; ...]``)."""
+
+        def rep(d):
+            if d is None:
+                return None
+            return {
+                k: (torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in self.shared_keys else v)
+                for k, v in d.items()
+            }
+
+        return Conditioning(rep(self.cond), rep(self.uncond), self.guidance_scale, self.batched, self.prompts * n, self.shared_keys)
+
     def select(self, index: slice) -> "Conditioning":
         """The conditioning of the samples ``index`` (a slice) of the batch."""
 

@@ -35,7 +35,10 @@ import torch
 from ngdiag.errors import CheckpointError
 from ngdiag.models.families import FamilyAdapter, FamilyVelocity, adapter_for, family_of_transformer
 
-__all__ = ["Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "adapters_disabled", "AdapterDisabled"]
+__all__ = [
+    "Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "adapters_disabled", "mixed_adapter_batch",
+    "AdapterDisabled", "ADAPTER_NAME",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ADAPTER_NAME = "ngdiag_theta"
@@ -57,6 +60,30 @@ def adapters_disabled(module: torch.nn.Module):
     finally:
         for m, was_disabled in zip(layers, previous):
             m.enable_adapters(not was_disabled)
+
+
+@contextlib.contextmanager
+def mixed_adapter_batch(module: torch.nn.Module, pattern: list):
+    """Evaluate different adapters on different samples of one batch (peft's mixed-batch forward).
+
+    ``pattern`` gives an adapter name per sample (``"__base__"`` for the adapter switched off); a
+    layer that sees ``m * len(pattern)`` samples (CFG batches) uses the pattern tiled ``m`` times.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def pre_hook(layer, args, kwargs):
+        n = args[0].shape[0] if args else kwargs["x"].shape[0]
+        reps, rest = divmod(n, len(pattern))
+        if rest:
+            raise CheckpointError(f"mixed adapter batch of {n} samples does not fit a pattern of {len(pattern)}")
+        return args, {**kwargs, "adapter_names": list(pattern) * reps}
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in module.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class AdapterDisabled(torch.nn.Module):

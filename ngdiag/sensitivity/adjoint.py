@@ -126,14 +126,13 @@ def norm_sensitivity(
     """
     times = _check_inputs(x_init, times, method, solver, continuous_substeps, rtol, atol)
     x_init = x_init.detach().clone()  # also turns an inference-mode tensor into a normal one
-    if method == "discrete":
-        if checkpoint:
-            states, x_final, rewards, adjoints, S = _discrete_checkpointed(velocity, x_init, times, reward)
-        else:
-            states, x_final, rewards, adjoints, S = _discrete_full_graph(velocity, x_init, times, reward)
+    if method == "discrete" and checkpoint:
+        x_final, rewards, adjoints, S = _discrete_checkpointed(velocity, x_init, times, reward, return_adjoint)
+    elif method == "discrete":
+        x_final, rewards, adjoints, S = _discrete_full_graph(velocity, x_init, times, reward)
     else:
         x_final, rewards, adjoints, S = _continuous(
-            velocity, x_init, times, reward, solver, continuous_substeps, rtol, atol
+            velocity, x_init, times, reward, solver, continuous_substeps, rtol, atol, return_adjoint
         )
     return SensitivityResult(
         S=S,
@@ -251,7 +250,9 @@ def _check_reward_gradient(a: Optional[torch.Tensor], final_step: int) -> torch.
         raise NgdiagError(_ZERO_GRADIENT)
     bad = _not_finite(a)
     if bad.any():
-        raise NumericalError(f"the reward gradient is not finite at the final state (step {final_step}) for {_samples(bad)}")
+        raise NumericalError(
+            f"the reward gradient is not finite at the final state (step {final_step}) for {_samples(bad)}"
+        )
     return a
 
 
@@ -277,7 +278,9 @@ def _applied_velocity(states: List[torch.Tensor], times64: torch.Tensor, k: int)
 # ----------------------------------------------------------------------------------------------
 
 
-def _euler_states(velocity: Velocity, x_init: torch.Tensor, times: torch.Tensor, enable_grad: bool) -> List[torch.Tensor]:
+def _euler_states(
+    velocity: Velocity, x_init: torch.Tensor, times: torch.Tensor, enable_grad: bool
+) -> List[torch.Tensor]:
     states = [x_init]
     x = x_init
     with torch.set_grad_enabled(enable_grad):
@@ -290,7 +293,7 @@ def _euler_states(velocity: Velocity, x_init: torch.Tensor, times: torch.Tensor,
     return states
 
 
-def _discrete_checkpointed(velocity, x_init, times, reward):
+def _discrete_checkpointed(velocity, x_init, times, reward, keep_adjoints):
     steps, batch = times.numel() - 1, x_init.shape[0]
     times64 = times.double()
     states = _euler_states(velocity, x_init, times, enable_grad=False)
@@ -318,10 +321,10 @@ def _discrete_checkpointed(velocity, x_init, times, reward):
         bad = _not_finite(a)
         if bad.any():
             raise NumericalError(f"the adjoint is not finite {_at_step(k, times)} for {_samples(bad)}")
-        adjoints.append(a)
+        if keep_adjoints:
+            adjoints.append(a)
     adjoints.reverse()
-    R = R.detach()
-    return states, states[-1], R.to("cpu", torch.float64), adjoints, S
+    return states[-1], R.detach().to("cpu", torch.float64), adjoints, S
 
 
 def _discrete_full_graph(velocity, x_init, times, reward):
@@ -340,7 +343,7 @@ def _discrete_full_graph(velocity, x_init, times, reward):
             raise NumericalError(f"the adjoint is not finite {_at_step(k, times)} for {_samples(bad)}")
     states = [x.detach() for x in states]
     S = torch.stack([_dot(adjoints[k + 1], _applied_velocity(states, times64, k)) for k in range(steps)])
-    return states, states[-1], R.detach().to("cpu", torch.float64), adjoints, S
+    return states[-1], R.detach().to("cpu", torch.float64), adjoints, S
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ def _uniform_grid(substeps: int):
     return grid_constructor
 
 
-def _continuous(velocity, x_init, times, reward, solver, substeps, rtol, atol):
+def _continuous(velocity, x_init, times, reward, solver, substeps, rtol, atol, keep_adjoints):
     steps, batch = times.numel() - 1, x_init.shape[0]
     times64 = times.double()
     options = {"grid_constructor": _uniform_grid(substeps)} if solver in FIXED_GRID_SOLVERS else None
@@ -412,6 +415,7 @@ def _continuous(velocity, x_init, times, reward, solver, substeps, rtol, atol):
         if bad.any():
             raise NumericalError(f"the adjoint is not finite {where} for {_samples(bad)}")
         S[k] = dR_ds.detach().double().cpu() / abs(float(times64[k + 1] - times64[k]))
-        adjoints.append(a)
+        if keep_adjoints:
+            adjoints.append(a)
     adjoints.reverse()
     return x_final.detach(), R.detach().to("cpu", torch.float64), adjoints, S

@@ -195,8 +195,9 @@ def _mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _penalty_parts(
     pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], lam: float, eps: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample penalty, activity mask and ratio for one or more (v_theta, v_ref) pairs, concatenated."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample penalty, hinge mask, norm ratio, ``||v_theta||^2`` and ``||v_ref||^2`` (detached),
+    each ``(B,)``, for one or more ``(v_theta, v_ref)`` pairs concatenated along the batch."""
     per_sample, active, ratio, sq_t_all, sq_r_all = [], [], [], [], []
     for k, (v_theta, v_ref) in enumerate(pairs):
         suffix = "" if len(pairs) == 1 else f"[{k}]"
