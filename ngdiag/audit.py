@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -30,6 +27,15 @@ import pandas as pd
 import torch
 
 import ngdiag
+from ngdiag.durable import (
+    atomic_write as _atomic_write,
+    atomic_write_text as _atomic_write_text,
+    parse_shard,
+    prepare_output,
+    read_state,
+    shard_batches,
+    STATE_FILE,
+)
 from ngdiag.errors import ConfigError
 from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import Checkpoint
@@ -41,21 +47,7 @@ from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
 __all__ = ["AuditConfig", "AuditResult", "run_audit", "merge_audits", "parse_shard", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-STATE_FILE = "audit_state.json"
-
-
-def parse_shard(spec: Optional[str]) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` -> ``(0, 1)``."""
-    if spec is None:
-        return 0, 1
-    try:
-        i_text, n_text = str(spec).split("/")
-        i, n = int(i_text), int(n_text)
-    except ValueError:
-        raise ConfigError(f"invalid shard {spec!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"invalid shard {spec!r}: need 0 <= i < n")
-    return i, n
+KIND = "audit"
 
 
 @dataclass
@@ -265,23 +257,6 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
     return block
 
 
-# ----------------------------------------------------------------------------- file helpers
-def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(text))
-
-
 # ----------------------------------------------------------------------------- the run
 class _BatchRunner:
     """Runs one batch: the paired trajectory, plus base / renorm trajectories and rewards when asked."""
@@ -422,37 +397,6 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images)
 
 
-def _state(out: Path) -> Optional[dict]:
-    path = out / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
-
-
-def prepare_output(out: Path, fingerprint: str, shard: tuple, *, overwrite: bool) -> None:
-    """Create ``out`` or check that it holds an unfinished audit with the same arguments.
-
-    Raises :class:`ConfigError` for a folder holding anything else (unless ``overwrite``).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        state = _state(out)
-        resumable = state is not None and state.get("fingerprint") == fingerprint and list(state.get("shard", [])) == list(shard) and not state.get("complete")
-        if not resumable and not overwrite:
-            if state is not None and not state.get("complete"):
-                raise ConfigError(f"output folder {out} holds an unfinished audit with other arguments; pass --overwrite to start over")
-            raise ConfigError(f"output folder {out} already exists; pass --overwrite to replace it or choose another --out")
-        if not resumable and overwrite:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def run_audit(
     checkpoint: Checkpoint,
     config: AuditConfig,
@@ -487,7 +431,7 @@ def run_audit(
 
         reward = load_reward(config.reward, device=checkpoint.adapter.device)
     info = checkpoint.describe()
-    batches = [b for b in range(config.num_batches) if b % n == i]
+    batches = shard_batches(config.num_batches, shard)
     if out_dir is None:
         if n > 1:
             raise ConfigError("a sharded audit needs an output folder")
@@ -506,8 +450,8 @@ def run_audit(
 
     out = Path(out_dir)
     fingerprint = config.fingerprint(info)
-    prepare_output(out, fingerprint, [i, n], overwrite=overwrite)
-    state = {"fingerprint": fingerprint, "shard": [i, n], "complete": False, "config": config.to_dict(), "checkpoint": info,
+    prepare_output(out, fingerprint, [i, n], overwrite=overwrite, kind=KIND)
+    state = {"kind": KIND, "fingerprint": fingerprint, "shard": [i, n], "complete": False, "config": config.to_dict(), "checkpoint": info,
              "num_batches": config.num_batches}
     _atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
     runner = _BatchRunner(checkpoint, config, reward)
@@ -530,7 +474,7 @@ def merge_audits(shard_dirs: Sequence, out_dir, *, overwrite: bool = False, repo
     """Join the shards of one audit (``--shard i/n`` runs) into the result of a single run."""
     states = []
     for d in shard_dirs:
-        state = _state(Path(d))
+        state = read_state(Path(d))
         if state is None:
             raise ConfigError(f"{d} is not an ngdiag audit folder (no {STATE_FILE})")
         if not state.get("complete"):
@@ -550,7 +494,7 @@ def merge_audits(shard_dirs: Sequence, out_dir, *, overwrite: bool = False, repo
     parts = {"records": [], "rewards": [], "distances": [], "images": {}}
     for d, state in states:
         i = state["shard"][0]
-        p = _read_parts(d, [b for b in range(config.num_batches) if b % n == i])
+        p = _read_parts(d, shard_batches(config.num_batches, (i, n)))
         parts["records"] += p["records"]
         parts["rewards"] += p["rewards"]
         parts["distances"] += p["distances"]
@@ -560,9 +504,9 @@ def merge_audits(shard_dirs: Sequence, out_dir, *, overwrite: bool = False, repo
     parts["images"] = {k: [a for _, arrs in sorted(v, key=lambda x: x[0]) for a in arrs] for k, v in parts["images"].items()}
     result = _finalize(parts, config, first["checkpoint"])
     out = Path(out_dir)
-    prepare_output(out, "merge-" + first["fingerprint"], [0, 1], overwrite=overwrite)
+    prepare_output(out, "merge-" + first["fingerprint"], [0, 1], overwrite=overwrite, kind=KIND)
     result.save(out, report=report)
-    _atomic_write_text(out / STATE_FILE, json.dumps({"fingerprint": first["fingerprint"], "shard": [0, 1], "complete": True,
+    _atomic_write_text(out / STATE_FILE, json.dumps({"kind": KIND, "fingerprint": first["fingerprint"], "shard": [0, 1], "complete": True,
                                                      "merged_from": [str(d) for d, _ in states], "config": first["config"],
                                                      "checkpoint": first["checkpoint"], "num_batches": config.num_batches}, indent=2))
     return result

@@ -102,9 +102,27 @@ def _register_optional_commands():
 _register_optional_commands()
 
 
+def _quiet_third_party() -> None:
+    """The CLI owns stderr: silence diffusers/transformers progress bars and info logs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        for log in (dlog, tlog):
+            log.disable_progress_bar()
+            log.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point: runs the app, turning ngdiag errors into one line and exit code 2."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_third_party()
     try:
         rc = app(args=argv, standalone_mode=False)
     except NgdiagError as exc:

@@ -122,7 +122,8 @@ def register(app: typer.Typer) -> None:
 
         Example: ngdiag audit runs/nft/checkpoint-200/lora --base models/sd35m --prompts prompts.txt --num-samples 64
         """
-        from ngdiag.audit import AuditConfig, parse_shard, run_audit
+        from ngdiag.audit import AuditConfig, run_audit
+        from ngdiag.durable import parse_shard
         from ngdiag.cli import _device, _dtype
         from ngdiag.generation import SamplingConfig
         from ngdiag.models.loading import load_checkpoint
@@ -149,13 +150,13 @@ def register(app: typer.Typer) -> None:
             tolerance=tolerance,
             confidence=confidence,
         )
-        from ngdiag.audit import prepare_output
+        from ngdiag.durable import prepare_output
 
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output path {out} exists and is not a folder")
         ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
         ckpt.require_ref()
-        prepare_output(out, config.fingerprint(ckpt.describe()), list(shard_spec), overwrite=overwrite)
+        prepare_output(out, config.fingerprint(ckpt.describe()), list(shard_spec), overwrite=overwrite, kind="audit")
         progress = _Progress(quiet, "audit")
         try:
             result = run_audit(ckpt, config, out_dir=out, shard=shard_spec, overwrite=overwrite, progress=progress)

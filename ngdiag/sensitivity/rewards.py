@@ -7,7 +7,7 @@ The contract, shared by every reward here:
   every pixel; clamp before calling if you want the usual post-processing.
 * ``prompts`` is a sequence of ``B`` strings (a single string is repeated), or ``None`` for
   rewards with ``requires_prompts == False``.
-* The result is a float32 tensor ``(B,)`` on ``images.device``, differentiable with respect to
+* The result is a float32 tensor (float64 for a float64 reward model) ``(B,)`` on ``images.device``, differentiable with respect to
   ``images``. Reward-model parameters are frozen (``requires_grad_(False)``, ``eval()``).
 
 Formulas, preprocessing and sources are in ``docs/rewards.md``.
@@ -92,7 +92,7 @@ class BaseReward(torch.nn.Module):
         scores = self.score(images, prompt_list)
         if scores.shape != (batch,):
             raise ConfigError(f"reward {self.name} returned shape {tuple(scores.shape)}, expected ({batch},).")
-        return scores.to(device=images.device, dtype=torch.float32)
+        return scores.to(device=images.device, dtype=torch.promote_types(scores.dtype, torch.float32))
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """The reward itself, on checked inputs; ``(B,)``."""
@@ -253,7 +253,7 @@ class _TransformersClipReward(BaseReward):
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Projected (unnormalised) image embeddings ``(B, D)`` of ``[0, 1]`` images, differentiable."""
         device, dtype = _param_device_dtype(self.model)
-        pixel_values = self.preprocess(images.to(device=device, dtype=torch.float32)).to(dtype)
+        pixel_values = self.preprocess(images.to(device=device, dtype=torch.promote_types(images.dtype, torch.float32))).to(dtype)
         return _pooled(self.model.get_image_features(pixel_values=pixel_values))
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
@@ -268,7 +268,9 @@ class _TransformersClipReward(BaseReward):
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         assert prompts is not None
-        cos = _cosine(self.image_embeds(images).float(), self.text_embeds(prompts).float())
+        image, text = self.image_embeds(images), self.text_embeds(prompts)
+        work = torch.promote_types(image.dtype, torch.float32)
+        cos = _cosine(image.to(work), text.to(work))
         return self.scale() * cos
 
     @classmethod
@@ -304,7 +306,7 @@ class PickScoreReward(_TransformersClipReward):
     name = "pickscore"
 
     def scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp().float()
+        return self.model.logit_scale.exp().to(torch.promote_types(self.model.logit_scale.dtype, torch.float32))
 
     @classmethod
     def from_pretrained(
@@ -423,11 +425,12 @@ class _OpenClipReward(BaseReward):
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         assert prompts is not None
         device, dtype = _param_device_dtype(self.model)
-        pixel_values = self.preprocess(images.to(device=device, dtype=torch.float32)).to(dtype)
+        pixel_values = self.preprocess(images.to(device=device, dtype=torch.promote_types(images.dtype, torch.float32))).to(dtype)
         image_features = self.model.encode_image(pixel_values)
         with torch.no_grad():
             text_features = self.model.encode_text(self.tokenizer(prompts).to(device))
-        return self.scale() * _cosine(image_features.float(), text_features.float())
+        work = torch.promote_types(image_features.dtype, torch.float32)
+        return self.scale() * _cosine(image_features.to(work), text_features.to(work))
 
 
 class OpenClipScoreReward(_OpenClipReward):

@@ -1,0 +1,300 @@
+"""Norm-scaling sensitivity of a loaded checkpoint: prompts and a reward spec in, S(t) out.
+
+For every batch of samples (prompt ``i mod len(prompts)``, seed ``seed + i``, as in the audit)
+this binds the checkpoint's guided velocity (with CFG where the family uses it) and the reward
+of the decoded image, ``R(x_K) = reward(decode(x_K), prompts)``, and calls
+:func:`ngdiag.sensitivity.norm_sensitivity`. Runs are durable like the audit: one part per batch,
+resumable, shardable with ``shard=(i, n)`` and joined by :func:`merge_sensitivity`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ngdiag.durable import STATE_FILE, atomic_write, atomic_write_text, prepare_output, read_state, shard_batches
+from ngdiag.errors import ConfigError
+from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.models.loading import Checkpoint
+from ngdiag.sensitivity.adjoint import norm_sensitivity
+from ngdiag.sensitivity.result import SensitivityResult
+
+__all__ = ["SensitivityConfig", "SensitivityRun", "run_sensitivity", "merge_sensitivity", "checkpoint_velocity"]
+
+KIND = "sensitivity"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SensitivityConfig:
+    """What to analyse: prompts, samples, the sampler, the reward and the adjoint method.
+
+    ``model`` picks whose velocity is analysed: ``"theta"`` (default) or ``"ref"``.
+    """
+
+    prompts: list
+    reward: str
+    num_samples: Optional[int] = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    batch_size: int = 2
+    method: str = "discrete"
+    solver: str = "rk4"
+    continuous_substeps: int = 4
+    model: str = "theta"
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self):
+        self.prompts = [str(p) for p in self.prompts]
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ConfigError("the sensitivity analysis needs at least one non-empty prompt")
+        if self.num_samples is None:
+            self.num_samples = len(self.prompts)
+        if int(self.num_samples) < 2:
+            raise ConfigError(f"the analysis needs at least 2 samples for a spread, got {self.num_samples}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.method not in ("discrete", "continuous"):
+            raise ConfigError(f"method must be 'discrete' or 'continuous', got {self.method!r}")
+        if self.model not in ("theta", "ref"):
+            raise ConfigError(f"model must be 'theta' or 'ref', got {self.model!r}")
+
+    @property
+    def num_batches(self) -> int:
+        return -(-int(self.num_samples) // int(self.batch_size))
+
+    def batch_ids(self, b: int) -> list:
+        start = b * self.batch_size
+        return list(range(start, min(start + self.batch_size, self.num_samples)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sampling"] = self.sampling.to_dict()
+        return d
+
+    def fingerprint(self, checkpoint: dict) -> str:
+        payload = json.dumps({"config": self.to_dict(), "checkpoint": checkpoint}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def checkpoint_velocity(checkpoint: Checkpoint, conditioning, which: str = "theta") -> Callable:
+    """The velocity the sampler applies, ``v(x, t)``, with the batch's conditioning and CFG bound."""
+    model = checkpoint.theta if which == "theta" else checkpoint.require_ref()
+    guided = conditioning.guided(model)
+    return lambda x, t: guided(x, t).guided
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(modules, enabled: bool):
+    """Enable diffusers' gradient checkpointing on modules that support it, restored afterwards."""
+    switched = []
+    try:
+        if enabled:
+            for m in modules:
+                if getattr(m, "_supports_gradient_checkpointing", False) and not getattr(m, "is_gradient_checkpointing", False):
+                    m.enable_gradient_checkpointing()
+                    switched.append(m)
+        yield
+    finally:
+        for m in switched:
+            m.disable_gradient_checkpointing()
+
+
+@dataclass
+class SensitivityRun:
+    """All samples of a sensitivity analysis.
+
+    Attributes:
+        result: the joined :class:`SensitivityResult` (``S`` of shape ``(K, N)``).
+        sample_ids: ``(N,)`` global sample ids; config: the run's config; checkpoint: what ran.
+    """
+
+    result: SensitivityResult
+    sample_ids: np.ndarray
+    config: SensitivityConfig
+    checkpoint: dict
+
+    def per_step(self) -> pd.DataFrame:
+        return self.result.summary_frame()
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = self.result.to_frame()
+        frame["sample"] = self.sample_ids[frame["sample"].to_numpy()]
+        return frame
+
+    def summary(self) -> dict:
+        from ngdiag.audit import versions
+
+        per_step = self.per_step()
+        nsr = per_step["nsr"].to_numpy()
+        dr = self.result.directional_derivative.numpy()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "method": self.result.method,
+            "reward": self.config.reward,
+            "model": self.config.model,
+            "num_samples": int(self.result.batch_size),
+            "num_steps": int(self.result.num_steps),
+            "per_step": [{k: (None if isinstance(v, float) and not np.isfinite(v) else (int(v) if k == "step" else float(v)))
+                          for k, v in row.items()} for row in per_step.to_dict("records")],
+            "nsr_median": float(np.nanmedian(nsr)),
+            "nsr_min": float(np.nanmin(nsr)),
+            "nsr_max": float(np.nanmax(nsr)),
+            "fraction_of_steps_with_nsr_above_3": float(np.mean(nsr > 3)),
+            "directional_derivative": {"mean": float(dr.mean()), "std": float(dr.std(ddof=1)),
+                                       "description": "dR/d(eps) when every step's velocity is scaled by (1 + eps)"},
+            "reward_mean": float(self.result.reward.mean()),
+            "checkpoint": self.checkpoint.get("path"),
+            "base": self.checkpoint.get("base"),
+            "family": self.checkpoint.get("family"),
+            "config": self.config.to_dict(),
+            "versions": versions(),
+        }
+
+    def save(self, out_dir, *, report: bool = True) -> dict:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = self.summary()
+        atomic_write_text(out / "sensitivity.json", json.dumps(summary, indent=2))
+        atomic_write(out / "records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
+        if report:
+            from ngdiag.report.html import render_sensitivity_report, write_html
+
+            write_html(render_sensitivity_report(summary, self.per_step(), self.to_frame()), out / "report.html")
+        return summary
+
+
+def _run_batch(checkpoint: Checkpoint, config: SensitivityConfig, reward, b: int) -> dict:
+    ids = config.batch_ids(b)
+    prompts = [config.prompts[i % len(config.prompts)] for i in ids]
+    seeds = [config.seed + i for i in ids]
+    batch = prepare_batch(checkpoint, prompts, seeds, config.sampling, sample_ids=ids)
+    velocity = checkpoint_velocity(checkpoint, batch.conditioning, config.model)
+    adapter, h, w = checkpoint.adapter, batch.config.height, batch.config.width
+
+    def reward_of_latents(x):
+        return reward(adapter.decode(x, h, w), prompts)
+
+    modules = [checkpoint.pipeline.transformer, checkpoint.pipeline.vae]
+    with _gradient_checkpointing(modules, config.gradient_checkpointing):
+        res = norm_sensitivity(velocity, batch.x_init, batch.sigmas, reward_of_latents, method=config.method,
+                               solver=config.solver, continuous_substeps=config.continuous_substeps)
+    return {"ids": ids, "result": res}
+
+
+def _part_path(out: Path, b: int) -> Path:
+    return out / "parts" / f"sensitivity-b{b:05d}.npz"
+
+
+def _write_part(out: Path, b: int, part: dict) -> None:
+    path = _part_path(out, b)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    r = part["result"]
+    atomic_write(path, lambda p: np.savez(open(p, "wb"), ids=np.asarray(part["ids"]), S=r.S.numpy(), times=r.times.numpy(),
+                                          reward=r.reward.numpy()))
+
+
+def _read_part(out: Path, b: int) -> dict:
+    with np.load(_part_path(out, b)) as data:
+        return {"ids": data["ids"], "S": data["S"], "times": data["times"], "reward": data["reward"]}
+
+
+def _join(parts: list, config: SensitivityConfig, checkpoint: dict, method: str) -> SensitivityRun:
+    ids = np.concatenate([np.asarray(p["ids"]) for p in parts])
+    order = np.argsort(ids, kind="stable")
+    if not np.array_equal(ids[order], np.arange(config.num_samples)):
+        raise ConfigError("the sensitivity run is incomplete: some samples are missing")
+    S = np.concatenate([p["S"] for p in parts], axis=1)[:, order]
+    reward = np.concatenate([p["reward"] for p in parts])[order]
+    times = parts[0]["times"]
+    result = SensitivityResult(S=torch.from_numpy(S), times=torch.from_numpy(np.asarray(times)),
+                               reward=torch.from_numpy(reward), x_final=torch.empty(0), method=method)
+    return SensitivityRun(result, ids[order], config, checkpoint)
+
+
+def _as_part(part: dict) -> dict:
+    r = part["result"]
+    return {"ids": part["ids"], "S": r.S.numpy(), "times": r.times.numpy(), "reward": r.reward.numpy()}
+
+
+def run_sensitivity(
+    checkpoint: Checkpoint,
+    config: SensitivityConfig,
+    *,
+    out_dir=None,
+    shard: tuple = (0, 1),
+    overwrite: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+    report: bool = True,
+) -> Optional[SensitivityRun]:
+    """Compute S(t) per sample and step for ``checkpoint`` (see module docstring)."""
+    from ngdiag.sensitivity.rewards import load_reward
+
+    if config.model == "ref":
+        checkpoint.require_ref()
+    reward = load_reward(config.reward, device=checkpoint.adapter.device)
+    info = checkpoint.describe()
+    batches = shard_batches(config.num_batches, shard)
+    if out_dir is None:
+        if shard[1] > 1:
+            raise ConfigError("a sharded run needs an output folder")
+        parts = []
+        for done, b in enumerate(batches, 1):
+            parts.append(_as_part(_run_batch(checkpoint, config, reward, b)))
+            if progress:
+                progress(done, len(batches))
+        return _join(parts, config, info, config.method)
+    out = Path(out_dir)
+    fingerprint = config.fingerprint(info)
+    prepare_output(out, fingerprint, list(shard), overwrite=overwrite, kind=KIND)
+    state = {"kind": KIND, "fingerprint": fingerprint, "shard": list(shard), "complete": False,
+             "config": config.to_dict(), "checkpoint": info}
+    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
+    for done, b in enumerate(batches, 1):
+        if not _part_path(out, b).is_file():
+            _write_part(out, b, _run_batch(checkpoint, config, reward, b))
+        if progress:
+            progress(done, len(batches))
+    state["complete"] = True
+    if shard[1] > 1:
+        atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
+        return None
+    run = _join([_read_part(out, b) for b in batches], config, info, config.method)
+    run.save(out, report=report)
+    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
+    return run
+
+
+def merge_sensitivity(shard_dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> SensitivityRun:
+    """Join the shards of one sensitivity run into the result of a single run."""
+    states = []
+    for d in shard_dirs:
+        state = read_state(d)
+        if state is None or state.get("kind") != KIND:
+            raise ConfigError(f"{d} is not an ngdiag sensitivity folder")
+        if not state.get("complete"):
+            raise ConfigError(f"the run in {d} is not finished; rerun it with the same arguments to resume")
+        states.append((Path(d), state))
+    if len({s["fingerprint"] for _, s in states}) != 1:
+        raise ConfigError("these folders hold runs with different arguments; merge shards of one run only")
+    n = states[0][1]["shard"][1]
+    if sorted(s["shard"][0] for _, s in states) != list(range(n)):
+        raise ConfigError("incomplete or repeated shards; merge all of 0..n-1 exactly once")
+    first = states[0][1]
+    config = SensitivityConfig(**{**first["config"], "sampling": SamplingConfig(**first["config"]["sampling"])})
+    parts = [_read_part(d, b) for d, s in states for b in shard_batches(config.num_batches, tuple(s["shard"]))]
+    run = _join(parts, config, first["checkpoint"], config.method)
+    out = Path(out_dir)
+    prepare_output(out, "merge-" + first["fingerprint"], [0, 1], overwrite=overwrite, kind=KIND)
+    run.save(out, report=report)
+    atomic_write_text(out / STATE_FILE, json.dumps({**first, "shard": [0, 1], "complete": True,
+                                                    "merged_from": [str(d) for d, _ in states]}, indent=2))
+    return run
