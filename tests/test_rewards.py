@@ -312,8 +312,8 @@ def test_pickscore_processor_path_and_dtype(clip_dir, tmp_path):
     assert next(reward.parameters()).dtype == torch.float64
     images = _images()
     scores = reward(images, PROMPTS)
-    assert scores.dtype == torch.float32
-    torch.testing.assert_close(scores, load_reward(f"pickscore:{clip_dir}")(images, PROMPTS), rtol=0, atol=1e-4)
+    assert scores.dtype == torch.float64  # a float64 reward model scores in float64 (exact adjoint checks)
+    torch.testing.assert_close(scores.float(), load_reward(f"pickscore:{clip_dir}")(images, PROMPTS), rtol=0, atol=1e-4)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="CLIPModel"):
@@ -465,7 +465,7 @@ def test_builtin_rewards_ignore_prompts_and_follow_the_protocol():
         reward = load_reward(kind)
         assert isinstance(reward, Reward) and reward.name == kind and not reward.requires_prompts
         torch.testing.assert_close(reward(images), reward(images, ["x", "y", "z"]))
-        assert reward(images.double()).dtype == torch.float32
+        assert reward(images.double()).dtype == torch.float64  # float64 images keep float64 scores
 
 
 # --------------------------------------------------------------------------------------------
