@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ngdiag.cli import main as cli_main
+from ngdiag.cli import _quiet_third_party, main as cli_main
 
 
 def build_demo_models(root: Path, family: str = "sd3", scale: float = 1.08) -> tuple[Path, Path]:
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--family", default="sd3", choices=["sd3", "flux", "flux2-klein"])
     parser.add_argument("--scale", type=float, default=1.08, help="planted velocity scale")
     args = parser.parse_args(argv)
+    _quiet_third_party()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     base, finetune = build_demo_models(root / "models", args.family, args.scale)

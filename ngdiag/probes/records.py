@@ -119,7 +119,7 @@ class NormRecord:
             cube = cube.reindex(pd.MultiIndex.from_product([steps, calls]), columns=samples)
             if cube.isna().to_numpy().any():
                 raise ConfigError(f"the records table is incomplete: metric {name} has missing (step, call, sample) cells")
-            arrays[name] = torch.from_numpy(cube.to_numpy().reshape(len(steps), len(calls), len(samples))).to(torch.float32)
+            arrays[name] = torch.from_numpy(cube.to_numpy().copy().reshape(len(steps), len(calls), len(samples))).to(torch.float32)
         return cls(
             times=first["t"].to_numpy(dtype=np.float64),
             t_next=first["t_next"].to_numpy(dtype=np.float64),

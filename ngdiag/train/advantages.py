@@ -9,14 +9,15 @@ DiffusionNFT and Flow-Factory compute it)::
     A_i = (r_i - mean_group(r)) / (std_all(r) + eps)        normalize="global"
     A_i =  r_i - mean_group(r)                              normalize="none"
 
-``std`` is the population standard deviation (``ddof = 0``). Rewards are gathered from every
-process before this is computed, so all processes hold the same advantages.
+``std`` is the population standard deviation (``ddof = 0``); a group of equal rewards gets
+advantage 0. Rewards are gathered from every process before this is computed, so all processes
+hold the same advantages.
 
 Example:
     >>> import torch
     >>> group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2, eps=0.0).tolist()
     [-1.0, 1.0, 0.0, 0.0]
-    >>> dpo_pairs(torch.tensor([0.1, 0.9, 0.5, 0.3]), 4)
+    >>> dpo_pairs(torch.tensor([0.1, 0.9, 0.5, 0.3]), 4, per_group=2)
     [(1, 0), (2, 3)]
 """
 
@@ -56,26 +57,31 @@ def group_advantages(
     if not torch.isfinite(r).all():
         raise ConfigError("rewards contain non-finite values")
     centred = r - r.mean(dim=1, keepdim=True)
-    if normalize == "group":
-        centred = centred / (r.std(dim=1, correction=0, keepdim=True) + eps)
-    elif normalize == "global":
-        centred = centred / (r.std(correction=0) + eps)
+    if normalize != "none":
+        std = r.std(dim=1, correction=0, keepdim=True) if normalize == "group" else r.std(correction=0)
+        scale = std + eps
+        # a group of equal rewards has zero advantage, also with eps = 0 (no 0 / 0)
+        centred = centred / torch.where(scale > 0, scale, torch.ones_like(scale))
     return centred.reshape(-1)
 
 
-def dpo_pairs(rewards: torch.Tensor, group_size: int) -> list[tuple[int, int]]:
-    """Winner / loser pairs inside each group: the j-th best with the j-th worst, ``G // 2`` per group.
+def dpo_pairs(rewards: torch.Tensor, group_size: int, per_group: int = 1) -> list[tuple[int, int]]:
+    """Winner / loser pairs inside each group: the j-th best with the j-th worst, ``j < per_group``.
 
-    Returns global sample indices ``(winner, loser)``, group by group, best pair first. Ties are
-    broken by sample index (stable sort), so the pairing is deterministic.
+    ``per_group = 1`` pairs the best with the worst rollout of each group (Flow-Factory's online DPO);
+    up to ``group_size // 2`` pairs per group use every rollout once. Returns global sample indices
+    ``(winner, loser)``, group by group, best pair first. Ties are broken by sample index (stable
+    sort), so the pairing is deterministic.
     """
     r = _groups(rewards.detach().to(torch.float64).cpu(), group_size)
     g = r.shape[1]
     if g < 2:
         raise ConfigError("DPO needs groups of at least 2 samples (rollouts.group_size >= 2)")
+    if not 1 <= int(per_group) <= g // 2:
+        raise ConfigError(f"pairs per group must lie in [1, {g // 2}] for groups of {g}, got {per_group}")
     pairs = []
     for k, row in enumerate(r):
         order = torch.sort(row, descending=True, stable=True).indices.tolist()
-        for j in range(g // 2):
+        for j in range(int(per_group)):
             pairs.append((k * g + order[j], k * g + order[g - 1 - j]))
     return pairs

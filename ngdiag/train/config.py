@@ -55,6 +55,7 @@ __all__ = [
     "MonitorConfig",
     "load_config",
     "apply_overrides",
+    "config_diff",
     "RESUMABLE_CHANGES",
 ]
 
@@ -141,10 +142,15 @@ class AWMConfig:
 
 @dataclass
 class DPOConfig:
-    """Online Diffusion-DPO (:func:`ngdiag.train.losses.dpo_loss`): pairs are formed in each prompt
-    group, the j-th best rollout against the j-th worst (``group_size // 2`` pairs per group)."""
+    """Online Diffusion-DPO (:func:`ngdiag.train.losses.dpo_loss`).
+
+    Pairs are formed in each prompt group: the j-th best rollout against the j-th worst, for
+    ``j < pairs_per_group`` (1: best against worst, as Flow-Factory; at most ``group_size // 2``).
+    Both arms of a pair share the noise and ``t``.
+    """
 
     beta: float = 2000.0
+    pairs_per_group: int = 1
 
 
 @dataclass
@@ -331,7 +337,7 @@ class TrainConfig:
     def training_units(self) -> int:
         """Units per iteration: rollouts, or winner / loser pairs for DPO."""
         if self.method == "dpo":
-            return int(self.rollouts.prompts_per_iteration) * (int(self.rollouts.group_size) // 2)
+            return int(self.rollouts.prompts_per_iteration) * int(self.dpo.pairs_per_group)
         return self.rollouts.samples_per_iteration
 
     # ------------------------------------------------------------------ validation
@@ -371,6 +377,7 @@ class TrainConfig:
             if not 0 <= decay < 1:
                 raise ConfigError(f"{name} must lie in [0, 1), got {decay}")
         _positive("dpo.beta", self.dpo.beta)
+        _at_least("dpo.pairs_per_group", self.dpo.pairs_per_group, 1)
         _choice("fm.weighting", self.fm.weighting, FM_WEIGHTINGS)
         _positive("fm.temperature", self.fm.temperature)
         _at_least("sampling.steps", self.sampling.steps, 1)
@@ -399,6 +406,11 @@ class TrainConfig:
         _at_least("rollouts.group_size", self.rollouts.group_size, 2 if self.method == "dpo" else 1)
         _at_least("rollouts.prompts_per_iteration", self.rollouts.prompts_per_iteration, 1)
         _at_least("rollouts.batch_size", self.rollouts.batch_size, 1)
+        if self.method == "dpo" and self.dpo.pairs_per_group > self.rollouts.group_size // 2:
+            raise ConfigError(
+                f"dpo.pairs_per_group must be at most group_size // 2 = {self.rollouts.group_size // 2}, "
+                f"got {self.dpo.pairs_per_group}"
+            )
         if not self.rollouts.prompts and not self.rollouts.prompts_file:
             raise ConfigError("no prompts: set rollouts.prompts (a list) or rollouts.prompts_file")
         if any(not str(p).strip() for p in self.rollouts.prompts):
@@ -439,24 +451,16 @@ class TrainConfig:
 
 def check_reward_spec(spec: str) -> None:
     """A reward spec ``KIND[:PATH[,key=value...]]`` whose kind is known and whose weights exist."""
-    from ngdiag.sensitivity.rewards import REWARD_KINDS
+    from ngdiag.sensitivity.rewards import REWARD_KINDS, parse_reward_spec
 
     if not spec or not str(spec).strip():
         raise ConfigError(f"reward is required, e.g. 'brightness' or 'pickscore:/path/to/weights' ({', '.join(REWARD_KINDS)})")
-    kind, sep, rest = str(spec).strip().partition(":")
-    kind = kind.strip().lower()
+    kind = str(spec).strip().partition(":")[0].strip().lower()
     if kind not in REWARD_KINDS:
         close = difflib.get_close_matches(kind, REWARD_KINDS, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown reward kind {kind!r}{hint} (known: {', '.join(REWARD_KINDS)})")
-    if sep:
-        path = rest.split(",")[0].strip()
-        if not path:
-            raise ConfigError(f"reward {kind!r} needs a weights path: {kind}:PATH")
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"reward weights not found: {path}")
-    elif kind not in ("brightness", "saturation", "contrast"):
-        raise ConfigError(f"reward {kind!r} needs a weights path: {kind}:PATH")
+    parse_reward_spec(str(spec))  # options, and whether the weights exist (nothing is loaded)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -552,6 +556,24 @@ def _coerce(tp, value, name: str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def config_diff(old: dict, new: dict, *, skip=(), prefix: str = "") -> List[str]:
+    """The keys whose values differ between two nested config dicts, as ``"key: old -> new"`` lines.
+
+    Keys in ``skip`` (dotted names, e.g. ``"iterations"``) are ignored.
+    """
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in skip:
+            continue
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, skip=skip, prefix=name + ".")
+        elif a != b:
+            diffs.append(f"{name}: {a!r} -> {b!r}")
+    return diffs
 
 
 def apply_overrides(data: dict, overrides) -> dict:

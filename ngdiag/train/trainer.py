@@ -60,7 +60,7 @@ from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import AdapterDisabled, Checkpoint, load_checkpoint
 from ngdiag.sampling import sample
 from ngdiag.train.advantages import dpo_pairs, group_advantages
-from ngdiag.train.config import RESUMABLE_CHANGES, TrainConfig
+from ngdiag.train.config import RESUMABLE_CHANGES, TrainConfig, config_diff
 from ngdiag.train.losses import LossTerms, awm_loss, dpo_loss, flow_matching_loss, nft_loss, with_normguard
 from ngdiag.train.timesteps import sample_timesteps
 
@@ -263,20 +263,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> List[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        name = f"{prefix}{key}"
-        if name in RESUMABLE_CHANGES:
-            continue
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, name + ".")
-        elif a != b:
-            diffs.append(f"{name}: {a!r} -> {b!r}")
-    return diffs
-
-
 def _json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -301,6 +287,13 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.model.device)
         self.proc = processes or _Processes(self.device)
+        n_units = config.training_units // int(config.optimizer.steps_per_iteration)
+        if n_units % self.proc.world or config.rollouts.samples_per_iteration % self.proc.world:
+            what = "pairs" if config.method == "dpo" else "rollouts"
+            raise ConfigError(
+                f"{config.rollouts.samples_per_iteration} rollouts and {n_units} {what} per optimizer step "
+                f"must divide evenly over {self.proc.world} processes"
+            )
         self.autocast_dtype = self._resolve_mixed_precision()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model.dtype]
         self.prompts = config.rollouts.load_prompts()
@@ -344,13 +337,6 @@ class Trainer:
         train_guidance = 1.0 if self.adapter.uses_cfg(g) else g  # FLUX.1 embeds guidance in cond
         self.train_sampling = dataclasses.replace(self.sampling, num_steps=1, guidance_scale=train_guidance)
         self.output_dir = Path(config.output_dir)
-        n_units = config.training_units // int(config.optimizer.steps_per_iteration)
-        if n_units % self.proc.world or config.rollouts.samples_per_iteration % self.proc.world:
-            what = "pairs" if config.method == "dpo" else "rollouts"
-            raise ConfigError(
-                f"{config.rollouts.samples_per_iteration} rollouts and {n_units} {what} per optimizer step "
-                f"must divide evenly over {self.proc.world} processes"
-            )
 
     # ------------------------------------------------------------------ setup
     def _resolve_mixed_precision(self) -> Optional[torch.dtype]:
@@ -580,7 +566,7 @@ class Trainer:
             data["rewards"], cfg.rollouts.group_size, normalize=cfg.advantages.normalize, eps=cfg.advantages.eps
         ).to(torch.float32)
         if cfg.method == "dpo":
-            units = dpo_pairs(data["rewards"], cfg.rollouts.group_size)
+            units = dpo_pairs(data["rewards"], cfg.rollouts.group_size, cfg.dpo.pairs_per_group)
         else:
             units = list(range(n_samples))
             if cfg.method == "fm":
@@ -743,7 +729,7 @@ class Trainer:
                 previous = yaml.safe_load(saved.read_text()) or {}
             except yaml.YAMLError:
                 raise ConfigError(f"{saved} is not readable YAML; remove the folder or choose another output_dir") from None
-            diffs = _config_diff(previous, current)
+            diffs = config_diff(previous, current, skip=RESUMABLE_CHANGES)
             if diffs:
                 more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
                 raise ConfigError(
@@ -860,7 +846,7 @@ def _prompts_hash(prompts: Sequence[str]) -> str:
 _RENAMES = {
     "normguard": "penalty",
     "normguard_active_fraction": "hinge_active_fraction",
-    "normguard_mean_ratio": "ratio_mean",
+    "normguard_mean_ratio": "norm_ratio_mean",
 }
 
 

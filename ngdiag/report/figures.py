@@ -1,0 +1,472 @@
+"""Report figures: each function takes plain data (pandas frames, dicts of arrays) and returns a
+:class:`matplotlib.figure.Figure`.
+
+Figures are built with matplotlib's object API (``Figure(...)``, never ``pyplot``), so nothing is
+registered in pyplot's global figure manager and no global style is changed; style settings are
+applied inside :func:`matplotlib.rc_context`. Encode one with
+:func:`ngdiag.report.html.figure_to_data_uri`, which also releases it.
+
+Colours are fixed across every figure and every report:
+
+- :data:`THETA_COLOR` (vermillion): the model under audit ("current", ``theta``) and every
+  quantity of theta relative to the reference (ratio, cosine, radial share, sensitivity);
+- :data:`REF_COLOR` (blue): the pretrained reference and the reference level (ratio 1);
+- :data:`RENORM_COLOR` (green): theta with inference-time renormalization (paper eq. 3);
+- :data:`RUN_COLORS`: the first, second, ... run when two training runs are compared.
+
+Time runs from ``t = 1`` (noise) to ``t = 0`` (data) (CONVENTIONS "Time, interpolant, velocity"),
+so every curve against ``t`` has an inverted x axis: sampling reads left to right.
+
+Example:
+    >>> import pandas as pd
+    >>> from ngdiag.report.figures import ratio_curve
+    >>> frame = pd.DataFrame({"step": [0, 1], "t": [1.0, 0.5], "mean_ratio": [1.1, 1.05],
+    ...                       "ci_low": [1.0, 1.0], "ci_high": [1.2, 1.1]})
+    >>> fig = ratio_curve(frame)
+    >>> fig.axes[0].get_xlabel()
+    't (1 = noise, 0 = data)'
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ngdiag.errors import ConfigError
+
+__all__ = [
+    "THETA_COLOR",
+    "REF_COLOR",
+    "RENORM_COLOR",
+    "RUN_COLORS",
+    "MODEL_COLORS",
+    "T_LABEL",
+    "select_call",
+    "ratio_curve",
+    "ratio_curves",
+    "norm_curves",
+    "ratio_histogram",
+    "cosine_and_radial",
+    "image_grid",
+    "sensitivity_curves",
+    "sensitivity_spread",
+    "training_curves",
+    "run_curves",
+]
+
+# Okabe-Ito colour-blind-safe palette.
+THETA_COLOR = "#D55E00"
+REF_COLOR = "#0072B2"
+RENORM_COLOR = "#009E73"
+RUN_COLORS = ("#CC79A7", "#E69F00", "#56B4E9", "#000000")
+MODEL_COLORS = {"rl": THETA_COLOR, "theta": THETA_COLOR, "base": REF_COLOR, "ref": REF_COLOR, "rl+renorm": RENORM_COLOR}
+NEUTRAL_COLOR = "#555555"
+
+T_LABEL = "t (1 = noise, 0 = data)"
+RATIO_LABEL = "||v_θ|| / ||v_ref||"
+
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+}
+_WIDE = (7.0, 3.4)
+
+
+def _style():
+    return matplotlib.rc_context(_RC)
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise ConfigError(f"{what} must be a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"{what} is missing columns {missing}; it has {list(frame.columns)}")
+    if len(frame) == 0:
+        raise ConfigError(f"{what} has no rows")
+
+
+def select_call(per_step: pd.DataFrame, call: str = "guided") -> pd.DataFrame:
+    """The rows of one velocity ``call`` (``"guided"`` or ``"cond"``), sorted by step.
+
+    A frame without a ``call`` column is taken as one call. When ``call`` is absent but the frame
+    has another call (e.g. only ``cond``), that one is used rather than failing.
+    """
+    if "call" in per_step.columns:
+        calls = list(dict.fromkeys(per_step["call"]))
+        if call not in calls:
+            if not calls:
+                raise ConfigError("per_step has no rows")
+            call = calls[0]
+        per_step = per_step[per_step["call"] == call]
+    sort = "step" if "step" in per_step.columns else "t"
+    if sort == "t":
+        return per_step.sort_values("t", ascending=False, ignore_index=True)
+    return per_step.sort_values(sort, ignore_index=True)
+
+
+def _t_axis(ax, t) -> None:
+    """Time axis from noise (left) to data (right)."""
+    t = np.asarray(t, dtype=float)
+    lo, hi = (0.0, 1.0) if t.size == 0 or (t.min() >= 0 and t.max() <= 1) else (float(t.min()), float(t.max()))
+    ax.set_xlim(hi + 0.02 * (hi - lo), lo - 0.02 * (hi - lo))
+    ax.set_xlabel(T_LABEL)
+
+
+def _call_note(per_step: pd.DataFrame, call: str) -> str:
+    if "call" not in per_step.columns:
+        return ""
+    used = select_call(per_step, call)["call"].iloc[0]
+    return f" ({used} velocity)"
+
+
+# ----------------------------------------------------------------------------- audit figures
+def ratio_curve(per_step: pd.DataFrame, *, call: str = "guided") -> Figure:
+    """Mean ratio ``||v_theta|| / ||v_ref||`` over samples with its CI band, against ``t`` (paper Figure 3).
+
+    Args:
+        per_step: columns ``t, mean_ratio, ci_low, ci_high`` (and ``step``, optionally ``call``).
+        call: which velocity to plot when the frame has a ``call`` column (``guided`` by default).
+    """
+    _require(per_step, ("t", "mean_ratio", "ci_low", "ci_high"), "per_step")
+    frame = select_call(per_step, call)
+    with _style():
+        fig = Figure(figsize=_WIDE, layout="constrained")
+        ax = fig.add_subplot()
+        t = frame["t"].to_numpy(float)
+        ax.fill_between(t, frame["ci_low"].to_numpy(float), frame["ci_high"].to_numpy(float), color=THETA_COLOR,
+                        alpha=0.2, linewidth=0, label="confidence interval")
+        ax.plot(t, frame["mean_ratio"].to_numpy(float), color=THETA_COLOR, marker="o", markersize=3, linewidth=1.6,
+                label="mean ratio (θ / ref)")
+        ax.axhline(1.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="reference level (ratio 1)")
+        _t_axis(ax, t)
+        ax.set_ylabel(RATIO_LABEL)
+        ax.set_title("Velocity-norm ratio along the trajectory" + _call_note(per_step, call))
+        ax.legend(loc="best", frameon=False)
+    return fig
+
+
+def ratio_curves(curves: Mapping[str, pd.DataFrame], *, call: str = "guided",
+                 colors: Optional[Sequence[str]] = None) -> Figure:
+    """Several per-step ratio curves (e.g. the final checkpoints of compared runs) on one axis.
+
+    Args:
+        curves: name -> per-step frame as for :func:`ratio_curve`; drawn in order with
+            :data:`RUN_COLORS` (or ``colors``).
+    """
+    if not curves:
+        raise ConfigError("ratio_curves needs at least one curve")
+    colors = list(colors or RUN_COLORS)
+    with _style():
+        fig = Figure(figsize=_WIDE, layout="constrained")
+        ax = fig.add_subplot()
+        all_t = []
+        for i, (name, per_step) in enumerate(curves.items()):
+            _require(per_step, ("t", "mean_ratio"), f"ratio curve {name!r}")
+            frame = select_call(per_step, call)
+            color = colors[i % len(colors)]
+            t = frame["t"].to_numpy(float)
+            all_t.append(t)
+            if {"ci_low", "ci_high"} <= set(frame.columns):
+                ax.fill_between(t, frame["ci_low"].to_numpy(float), frame["ci_high"].to_numpy(float), color=color,
+                                alpha=0.15, linewidth=0)
+            ax.plot(t, frame["mean_ratio"].to_numpy(float), color=color, marker="o", markersize=3, linewidth=1.6,
+                    label=str(name))
+        ax.axhline(1.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="reference level (ratio 1)")
+        _t_axis(ax, np.concatenate(all_t))
+        ax.set_ylabel(RATIO_LABEL)
+        ax.set_title("Velocity-norm ratio along the trajectory")
+        ax.legend(loc="best", frameon=False)
+    return fig
+
+
+def norm_curves(per_step: pd.DataFrame, *, call: str = "guided") -> Figure:
+    """Mean ``||v_theta||`` and mean ``||v_ref||`` over samples against ``t``."""
+    _require(per_step, ("t", "mean_norm_theta", "mean_norm_ref"), "per_step")
+    frame = select_call(per_step, call)
+    with _style():
+        fig = Figure(figsize=_WIDE, layout="constrained")
+        ax = fig.add_subplot()
+        t = frame["t"].to_numpy(float)
+        ax.plot(t, frame["mean_norm_ref"].to_numpy(float), color=REF_COLOR, marker="o", markersize=3, linewidth=1.6,
+                label="reference ||v_ref||")
+        ax.plot(t, frame["mean_norm_theta"].to_numpy(float), color=THETA_COLOR, marker="o", markersize=3,
+                linewidth=1.6, label="current ||v_θ||")
+        _t_axis(ax, t)
+        ax.set_ylabel("mean velocity norm")
+        ax.set_title("Velocity norms along the trajectory" + _call_note(per_step, call))
+        ax.legend(loc="best", frameon=False)
+    return fig
+
+
+def ratio_histogram(per_sample: pd.DataFrame) -> Figure:
+    """Histogram of the per-sample mean ratio, with the reference level 1 and the geometric mean.
+
+    The geometric mean ``exp(mean_i l_i)`` (when ``log_ratio`` is given) is ``1 + inflation``.
+    """
+    _require(per_sample, ("mean_ratio",), "per_sample")
+    values = per_sample["mean_ratio"].to_numpy(float)
+    values = values[np.isfinite(values)]
+    with _style():
+        fig = Figure(figsize=_WIDE, layout="constrained")
+        ax = fig.add_subplot()
+        bins = int(np.clip(np.ceil(np.sqrt(max(len(values), 1))) * 2, 5, 40))
+        if len(values):
+            ax.hist(values, bins=bins, color=THETA_COLOR, alpha=0.75, edgecolor="white", linewidth=0.5,
+                    label=f"samples (n = {len(values)})")
+        ax.axvline(1.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="reference level (ratio 1)")
+        if "log_ratio" in per_sample.columns:
+            logs = per_sample["log_ratio"].to_numpy(float)
+            logs = logs[np.isfinite(logs)]
+            if len(logs):
+                gm = float(np.exp(logs.mean()))
+                ax.axvline(gm, color=THETA_COLOR, linewidth=1.6, label=f"geometric mean {gm:.3f}")
+        ax.set_xlabel("per-sample mean ratio " + RATIO_LABEL)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("samples")
+        ax.set_title("Per-sample norm ratio")
+        ax.legend(loc="best", frameon=False)
+    return fig
+
+
+def cosine_and_radial(per_step: pd.DataFrame, *, call: str = "guided") -> Figure:
+    """Cosine between ``v_theta`` and ``v_ref`` (top) and the radial share of the drift (bottom) against ``t``.
+
+    Radial share = ``(||v_theta|| - ||v_ref||)^2 / ||v_theta - v_ref||^2`` (CONVENTIONS "Norms and
+    ratios"): near 1, theta differs from the reference mostly in magnitude; near 0, in direction.
+    """
+    _require(per_step, ("t", "mean_cos", "radial_share"), "per_step")
+    frame = select_call(per_step, call)
+    with _style():
+        fig = Figure(figsize=(7.0, 4.6), layout="constrained")
+        ax_cos, ax_rad = fig.subplots(2, 1, sharex=True)
+        t = frame["t"].to_numpy(float)
+        ax_cos.plot(t, frame["mean_cos"].to_numpy(float), color=THETA_COLOR, marker="o", markersize=3, linewidth=1.6)
+        ax_cos.axhline(1.0, color=REF_COLOR, linestyle="--", linewidth=1.2)
+        ax_cos.set_ylabel("cos(v_θ, v_ref)")
+        ax_cos.set_title("Direction and magnitude of the drift" + _call_note(per_step, call))
+        ax_rad.plot(t, frame["radial_share"].to_numpy(float), color=THETA_COLOR, marker="o", markersize=3,
+                    linewidth=1.6)
+        ax_rad.set_ylim(-0.03, 1.03)
+        ax_rad.set_ylabel("radial share")
+        _t_axis(ax_rad, t)
+        ax_cos.set_xlabel("")
+    return fig
+
+
+def _as_images(name: str, value) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor, without importing torch here
+        value = value.detach().cpu().float().numpy()
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ConfigError(f"images[{name!r}] must have shape (N, 3, H, W) or (N, 1, H, W), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ConfigError(f"images[{name!r}] has non-finite values")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _downsample(img: np.ndarray, max_side: int) -> np.ndarray:
+    """(C, H, W) -> (H', W', C) with an integer box filter so that max(H', W') <= max_side."""
+    c, h, w = img.shape
+    f = int(np.ceil(max(h, w) / max_side))
+    if f > 1:
+        h2, w2 = h // f, w // f
+        img = img[:, : h2 * f, : w2 * f].reshape(c, h2, f, w2, f).mean(axis=(2, 4))
+    img = np.transpose(img, (1, 2, 0))
+    return img[..., 0] if c == 1 else img
+
+
+def image_grid(images: Mapping[str, object], max_images: int = 8, *,
+               column_labels: Optional[Sequence[str]] = None, max_side: int = 256) -> Figure:
+    """Images side by side: one row per model (in ``images`` order), one column per sample index.
+
+    Args:
+        images: model name (``"base"``, ``"rl"``, ``"rl+renorm"``...) -> ``(N, 3, H, W)`` array or
+            tensor in ``[0, 1]``; column ``j`` of every row has the same seed.
+        max_images: at most this many columns.
+        column_labels: a title per column (e.g. ``"seed 3"``); default ``"sample j"``.
+        max_side: images are box-downsampled to at most this many pixels a side.
+    """
+    if not images:
+        raise ConfigError("image_grid needs at least one model's images")
+    rows = {str(name): _as_images(str(name), value) for name, value in images.items()}
+    ncols = min(int(max_images), max(len(a) for a in rows.values()))
+    if ncols < 1:
+        raise ConfigError("image_grid got no images")
+    h, w = next(iter(rows.values())).shape[2:]
+    cell = 1.55
+    with _style():
+        fig = Figure(figsize=(0.5 + cell * ncols, 0.35 + cell * (h / w) * len(rows)), layout="constrained")
+        axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
+        for r, (name, arr) in enumerate(rows.items()):
+            for j in range(ncols):
+                ax = axes[r, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if j < len(arr):
+                    img = _downsample(arr[j], max_side)
+                    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="antialiased")
+                    color = MODEL_COLORS.get(name.lower())
+                    if color is not None:
+                        for spine in ax.spines.values():
+                            spine.set_visible(True)
+                            spine.set_color(color)
+                            spine.set_linewidth(2.0)
+                if j == 0:
+                    ax.set_ylabel(name, fontsize=10, color=MODEL_COLORS.get(name.lower(), "black"))
+                if r == 0:
+                    label = column_labels[j] if column_labels is not None and j < len(column_labels) else f"sample {j}"
+                    ax.set_title(str(label), fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- sensitivity figures
+def sensitivity_curves(frame: pd.DataFrame, *, color: str = THETA_COLOR) -> Figure:
+    """Mean sensitivity ``S(t)`` with a ±standard-error band and a zero line (top), ``NSR`` on a log
+    axis (bottom), against ``t`` (paper Figure 4).
+
+    Args:
+        frame: one row per step: ``t, mean, stderr, nsr`` (``SensitivityResult.summary_frame()``).
+    """
+    _require(frame, ("t", "mean", "stderr", "nsr"), "sensitivity per-step frame")
+    frame = frame.sort_values("t", ascending=False, ignore_index=True)
+    t = frame["t"].to_numpy(float)
+    mean = frame["mean"].to_numpy(float)
+    err = np.nan_to_num(frame["stderr"].to_numpy(float), nan=0.0)
+    nsr = frame["nsr"].to_numpy(float)
+    with _style():
+        fig = Figure(figsize=(7.0, 4.8), layout="constrained")
+        ax_s, ax_n = fig.subplots(2, 1, sharex=True)
+        ax_s.fill_between(t, mean - err, mean + err, color=color, alpha=0.2, linewidth=0, label="± standard error")
+        ax_s.plot(t, mean, color=color, marker="o", markersize=3, linewidth=1.6, label="mean S(t)")
+        ax_s.axhline(0.0, color=NEUTRAL_COLOR, linestyle="--", linewidth=1.0)
+        ax_s.set_ylabel("S(t)")
+        ax_s.set_title("Norm-scaling sensitivity of the reward")
+        ax_s.legend(loc="best", frameon=False)
+        ok = np.isfinite(nsr) & (nsr > 0)
+        if ok.any():
+            ax_n.plot(t[ok], nsr[ok], color=color, marker="o", markersize=3, linewidth=1.6)
+            ax_n.set_yscale("log")
+        else:
+            ax_n.text(0.5, 0.5, "NSR undefined (one sample, or zero means)", transform=ax_n.transAxes,
+                      ha="center", va="center")
+        ax_n.axhline(1.0, color=NEUTRAL_COLOR, linestyle="--", linewidth=1.0)
+        ax_n.set_ylabel("NSR = σ / |μ|")
+        _t_axis(ax_n, t)
+        ax_s.set_xlabel("")
+    return fig
+
+
+def sensitivity_spread(long_frame: pd.DataFrame, *, color: str = THETA_COLOR, max_points: int = 4000) -> Figure:
+    """Per-sample ``S`` by step: a box per step (quartiles) with the samples as jittered points.
+
+    Args:
+        long_frame: one row per step and sample: ``step, S`` (and ``t`` for the tick labels).
+        max_points: at most this many points are drawn (a seeded subsample beyond that).
+    """
+    _require(long_frame, ("step", "S"), "sensitivity long frame")
+    frame = long_frame[np.isfinite(long_frame["S"].to_numpy(float))]
+    steps = sorted(frame["step"].unique())
+    groups = [frame.loc[frame["step"] == k, "S"].to_numpy(float) for k in steps]
+    pos = np.arange(len(steps))
+    with _style():
+        fig = Figure(figsize=(max(7.0, 0.28 * len(steps) + 1.5), 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        if groups:
+            ax.boxplot(groups, positions=pos, widths=0.6, showfliers=False, patch_artist=True,
+                       boxprops={"facecolor": "none", "edgecolor": NEUTRAL_COLOR},
+                       medianprops={"color": color, "linewidth": 1.6},
+                       whiskerprops={"color": NEUTRAL_COLOR}, capprops={"color": NEUTRAL_COLOR})
+            rng = np.random.default_rng(0)
+            keep = 1.0 if len(frame) <= max_points else max_points / len(frame)
+            for p, g in zip(pos, groups):
+                if keep < 1:
+                    g = g[rng.random(len(g)) < keep]
+                ax.scatter(p + rng.uniform(-0.18, 0.18, len(g)), g, s=8, color=color, alpha=0.55, linewidths=0)
+        ax.axhline(0.0, color=NEUTRAL_COLOR, linestyle="--", linewidth=1.0)
+        ax.set_xticks(pos)
+        if "t" in frame.columns and len(steps):
+            t_of = frame.groupby("step")["t"].first()
+            every = max(1, len(steps) // 14)
+            ax.set_xticklabels([f"{k}\n{t_of[k]:.2f}" if i % every == 0 else "" for i, k in enumerate(steps)])
+            ax.set_xlabel("step (top) and t (bottom); t = 1 is noise")
+        else:
+            ax.set_xticklabels([str(k) for k in steps])
+            ax.set_xlabel("step")
+        ax.set_ylabel("per-sample S")
+        ax.set_title("Spread of the sensitivity over samples")
+    return fig
+
+
+# ----------------------------------------------------------------------------- training figures
+def run_curves(frames: Sequence[pd.DataFrame], labels: Sequence[str], *,
+               colors: Optional[Sequence[str]] = None) -> Figure:
+    """Reward (top, with a ±std band when ``reward_std`` is logged) and inflation in % (bottom)
+    against training iteration, one colour per run (:data:`RUN_COLORS`).
+
+    Args:
+        frames: per run, a metrics frame with ``iteration``, ``reward_mean`` and optionally
+            ``reward_std`` and ``inflation`` (a fraction).
+        labels: one name per run.
+    """
+    if len(frames) != len(labels) or not frames:
+        raise ConfigError(f"run_curves needs one label per run, got {len(frames)} runs and {len(labels)} labels")
+    colors = list(colors or RUN_COLORS)
+    with _style():
+        fig = Figure(figsize=(7.0, 4.8), layout="constrained")
+        ax_r, ax_i = fig.subplots(2, 1, sharex=True)
+        any_inflation = False
+        for i, (frame, label) in enumerate(zip(frames, labels)):
+            _require(frame, ("iteration", "reward_mean"), f"metrics of run {label!r}")
+            frame = frame.sort_values("iteration")
+            color = colors[i % len(colors)]
+            it = frame["iteration"].to_numpy(float)
+            mean = frame["reward_mean"].to_numpy(float)
+            if "reward_std" in frame.columns:
+                std = frame["reward_std"].to_numpy(float)
+                ax_r.fill_between(it, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            ax_r.plot(it, mean, color=color, linewidth=1.6, label=str(label))
+            if "inflation" in frame.columns:
+                infl = frame["inflation"].to_numpy(float) * 100
+                ok = np.isfinite(infl)
+                if ok.any():
+                    any_inflation = True
+                    ax_i.plot(it[ok], infl[ok], color=color, linewidth=1.6, label=str(label))
+        ax_i.axhline(0.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="reference level (0 %)")
+        if not any_inflation:
+            ax_i.text(0.5, 0.5, "inflation not logged", transform=ax_i.transAxes, ha="center", va="center")
+        ax_r.set_ylabel("reward (mean ± std)")
+        ax_r.set_title("Training runs")
+        ax_r.legend(loc="best", frameon=False)
+        ax_i.set_ylabel("inflation (%)")
+        ax_i.set_xlabel("iteration")
+        ax_i.legend(loc="best", frameon=False)
+    return fig
+
+
+def training_curves(metrics_a: pd.DataFrame, metrics_b: pd.DataFrame,
+                    labels: Sequence[str] = ("run A", "run B")) -> Figure:
+    """Two training runs compared: reward and inflation against iteration (:func:`run_curves` for two runs;
+    run A in ``RUN_COLORS[0]``, run B in ``RUN_COLORS[1]``)."""
+    if len(labels) != 2:
+        raise ConfigError(f"training_curves needs two labels, got {len(labels)}")
+    return run_curves([metrics_a, metrics_b], list(labels))
