@@ -2,7 +2,8 @@
 
 Data goes to stdout, progress and warnings to stderr. Every :class:`~ngdiag.errors.NgdiagError`
 becomes one line ``error: ...`` on stderr and exit code 2; a failed check (``--fail-on-...``)
-exits 1.
+exits 1; an unexpected internal error is one line and exit code 3 (``NGDIAG_DEBUG=1`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -139,7 +140,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             typer.echo(f"error: {exc.format_message()}", err=True)
             return 2
-        raise
+        if os.environ.get("NGDIAG_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"error: internal error {type(exc).__name__}: {first} (set NGDIAG_DEBUG=1 for the traceback)", err=True)
+        return 3
     return rc if isinstance(rc, int) else 0
 
 
