@@ -283,6 +283,22 @@ def test_figure_colours_are_fixed():
     assert len(drift.axes) == 2 and drift.axes[1].get_ylabel() == "radial share"
 
 
+def test_constant_ratios_still_show_a_bar():
+    per_sample = pd.DataFrame({"mean_ratio": np.full(16, 1.08), "log_ratio": np.full(16, np.log(1.08))})
+    ax = F.ratio_histogram(per_sample).axes[0]
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    lo, hi = ax.get_xlim()
+    assert len(bars) == 1 and bars[0].get_height() == 16
+    assert bars[0].get_width() >= 0.01 * (hi - lo)  # visible, not a sliver
+
+
+def test_image_rows_in_model_order():
+    summary, per_step, per_sample, images, _ = make_inputs(reward=False, renorm=False)
+    shuffled = {"rl+renorm": images["rl+renorm"], "extra": images["rl"], "rl": images["rl"], "base": images["base"]}
+    soup = soup_of(H.render_audit_report(summary, per_step, per_sample, images=shuffled))
+    assert "One row per model (base, rl, rl+renorm, extra)" in soup.select_one("#images figcaption").get_text()
+
+
 def test_image_grid_layout_and_tensor_input():
     torch = pytest.importorskip("torch")
     _, _, _, images, _ = make_inputs()

@@ -213,6 +213,19 @@ def norm_curves(per_step: pd.DataFrame, *, call: str = "guided") -> Figure:
     return fig
 
 
+def _histogram_bins(values: np.ndarray):
+    """Bins for ratios: automatic, except that a spread narrower than 2 % of the axis (which spans
+    the values and 1) becomes one visible bar instead of bars too thin to see (e.g. a planted,
+    exactly constant ratio)."""
+    lo, hi = float(values.min()), float(values.max())
+    extent = max(hi, 1.0) - min(lo, 1.0)
+    min_width = 0.02 * extent if extent > 0 else 0.01
+    if hi - lo < min_width:
+        center = 0.5 * (lo + hi)
+        return np.array([center - min_width / 2, center + min_width / 2])
+    return int(np.clip(np.ceil(np.sqrt(len(values))) * 2, 5, 40))
+
+
 def ratio_histogram(per_sample: pd.DataFrame) -> Figure:
     """Histogram of the per-sample mean ratio, with the reference level 1 and the geometric mean.
 
@@ -224,10 +237,9 @@ def ratio_histogram(per_sample: pd.DataFrame) -> Figure:
     with _style():
         fig = Figure(figsize=_WIDE, layout="constrained")
         ax = fig.add_subplot()
-        bins = int(np.clip(np.ceil(np.sqrt(max(len(values), 1))) * 2, 5, 40))
         if len(values):
-            ax.hist(values, bins=bins, color=THETA_COLOR, alpha=0.75, edgecolor="white", linewidth=0.5,
-                    label=f"samples (n = {len(values)})")
+            ax.hist(values, bins=_histogram_bins(values), color=THETA_COLOR, alpha=0.75, edgecolor="white",
+                    linewidth=0.5, label=f"samples (n = {len(values)})")
         ax.axvline(1.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="reference level (ratio 1)")
         if "log_ratio" in per_sample.columns:
             logs = per_sample["log_ratio"].to_numpy(float)

@@ -51,6 +51,7 @@ __all__ = [
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 DEFAULT_DPI = 110
+_MODEL_ORDER = ("base", "rl", "rl+renorm")  # image grid rows: these first, in this order
 _MAX_SAMPLE_ROWS = 40  # per-sample table: all rows up to this, else the top and bottom halves
 
 _VERDICT_TEXT = {
@@ -330,6 +331,8 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         "Cosine between theta's and the reference's velocity, and the radial share of their difference, against t")
     grid = None
     if images:
+        order = [k for k in _MODEL_ORDER if k in images] + [k for k in images if k not in _MODEL_ORDER]
+        images = {k: images[k] for k in order}
         n = min(8, max(len(v) for v in images.values()))
         grid = _figure(F.image_grid, images, alt="Images: one row per model, one column per seed", max_images=8,
                        column_labels=_column_labels(per_sample, n))
@@ -471,7 +474,6 @@ def write_html(html: str, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = str(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(html)

@@ -4,6 +4,7 @@ The losses are pure functions on tensors (:mod:`ngdiag.train.losses`); the train
 and the ``ngdiag train`` command build on them.
 """
 
+from ngdiag.train.config import TrainConfig, load_config
 from ngdiag.train.losses import (
     LossTerms,
     NormGuardTerms,
@@ -16,6 +17,10 @@ from ngdiag.train.losses import (
 )
 
 __all__ = [
+    "TrainConfig",
+    "load_config",
+    "train",
+    "compare_runs",
     "LossTerms",
     "NormGuardTerms",
     "normguard_penalty",
@@ -25,3 +30,16 @@ __all__ = [
     "awm_loss",
     "dpo_loss",
 ]
+
+
+def __getattr__(name):
+    # The trainer and the comparison pull in diffusers/peft; import them on first use.
+    if name == "train":
+        from ngdiag.train.trainer import train
+
+        return train
+    if name == "compare_runs":
+        from ngdiag.train.compare import compare_runs
+
+        return compare_runs
+    raise AttributeError(f"module 'ngdiag.train' has no attribute {name!r}")

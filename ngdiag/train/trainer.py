@@ -450,9 +450,10 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ training
-    def _conditioning(self, prompts: List[str]) -> dict:
+    def _conditioning(self, prompts: List[str]):
+        """The :class:`~ngdiag.models.families.Conditioning` of the training forwards (no CFG)."""
         batch = prepare_batch(self.checkpoint, prompts, [0] * len(prompts), self.train_sampling)
-        return batch.conditioning.cond
+        return batch.conditioning
 
     def _noise(self, iteration: int, unit: int, j: int, like: torch.Tensor) -> torch.Tensor:
         g = _generator(self.config.seed, "eps", iteration, unit, j)
@@ -486,7 +487,7 @@ class Trainer:
             v_old = v_theta.detach()
         return v_theta, v_ref, v_old
 
-    def _loss(self, units: List, t: float, j: int, data: dict, cond: dict, iteration: int) -> Tuple[LossTerms, list]:
+    def _loss(self, units: List, t: float, j: int, data: dict, cond, iteration: int) -> Tuple[LossTerms, list]:
         """The loss of one micro batch at one time ``t``; also the per-sample log-ratios (or ``[]``)."""
         cfg = self.config
         x0_all = data["x0"]
@@ -499,7 +500,7 @@ class Trainer:
             eps = torch.cat([eps_one, eps_one])
             t_vec = torch.full((x0.shape[0],), float(t), device=x0.device, dtype=torch.float32)
             x_t = (1.0 - t) * x0 + t * eps
-            cond2 = _repeat_cond(cond, 2)
+            cond2 = _repeat_cond(cond.cond, 2, cond.shared_keys)
             v_theta, v_ref, _ = self._velocities(x_t, t_vec, cond2, need_old=False)
             b = len(units)
             v_w, v_l = v_theta[:b], v_theta[b:]
@@ -514,7 +515,7 @@ class Trainer:
         t_vec = torch.full((len(ids),), float(t), device=x0.device, dtype=torch.float32)
         x_t = (1.0 - t) * x0 + t * eps
         need_old = cfg.method in ("nft", "awm")
-        v_theta, v_ref, v_old = self._velocities(x_t, t_vec, cond, need_old=need_old)
+        v_theta, v_ref, v_old = self._velocities(x_t, t_vec, cond.cond, need_old=need_old)
         adv = data["advantages"][ids].to(x0.device)
         if cfg.method == "nft":
             base = nft_loss(
@@ -861,11 +862,11 @@ def _log_ratios(v_theta: torch.Tensor, v_ref: torch.Tensor) -> list:
     return torch.log(nt / nr).double().cpu().tolist()
 
 
-def _repeat_cond(cond: dict, times: int) -> dict:
+def _repeat_cond(cond: dict, times: int, shared_keys=()) -> dict:
     """Conditioning of a batch repeated ``times`` (per-sample tensors concatenated, shared ones kept)."""
     out = {}
     for key, value in cond.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in ("txt_ids", "img_ids"):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in shared_keys:
             out[key] = torch.cat([value] * times)
         else:
             out[key] = value
