@@ -239,7 +239,11 @@ def versions() -> dict:
 
 
 def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
-    """The paper's Table 1 row: reward of base, RL and RL+renorm with their spread over samples."""
+    """The paper's Table 1 row: reward of base, RL and RL+renorm with their spread over samples.
+
+    The deltas come with the standard deviation of the paired per-sample differences (same prompt
+    and seed), ``delta_*_std``.
+    """
     rows = []
     means = {}
     for model in ("base", "rl", "rl+renorm"):
@@ -250,10 +254,12 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
         rows.append({"model": model, "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                      "n": int(len(values))})
     block = {"name": spec, "rows": rows}
-    if "rl" in means and "base" in means:
-        block["delta_rl_minus_base"] = means["rl"] - means["base"]
-    if "rl+renorm" in means and "rl" in means:
-        block["delta_renorm_minus_rl"] = means["rl+renorm"] - means["rl"]
+    wide = rewards.pivot_table(index="sample", columns="model", values="reward", aggfunc="first")
+    for key, (a, b) in {"delta_rl_minus_base": ("rl", "base"), "delta_renorm_minus_rl": ("rl+renorm", "rl")}.items():
+        if a in means and b in means:
+            diff = (wide[a] - wide[b]).to_numpy(dtype=float)  # paired: same prompt and seed
+            block[key] = means[a] - means[b]
+            block[f"{key}_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
     return block
 
 

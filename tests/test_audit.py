@@ -109,6 +109,9 @@ def test_audit_with_renorm_and_reward_reports_table(planted, tiny_bases):
     block = result.summary()["reward"]
     rows = {r["model"]: r for r in block["rows"]}
     assert set(rows) == {"base", "rl", "rl+renorm"} and all(r["n"] == 4 for r in rows.values())
+    # Paired spread of the deltas: per-sample differences of the same prompt and seed.
+    per_sample = result.rewards.pivot_table(index="sample", columns="model", values="reward")
+    assert block["delta_rl_minus_base_std"] == pytest.approx((per_sample["rl"] - per_sample["base"]).std(ddof=1))
     # Renormalising the 1.08 model gives back the base trajectory, hence the base reward.
     assert rows["rl+renorm"]["mean"] == pytest.approx(rows["base"]["mean"], abs=1e-5)
     assert result.renorm["rl_renorm_relative_distance_to_base_mean"] < 1e-5

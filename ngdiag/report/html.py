@@ -239,7 +239,12 @@ def _reward_table(reward: Mapping) -> dict:
     for key, label, a, b in (("delta_rl_minus_base", "RL − base", "rl", "base"),
                              ("delta_renorm_minus_rl", "RL+renorm − RL", "rl+renorm", "rl")):
         if reward.get(key) is not None:
-            deltas.append({"label": label, "value": _num(reward.get(key)), "se": stderr_of_difference(a, b)})
+            paired_std, n = reward.get(f"{key}_std"), (by_model.get(a) or {}).get("n")
+            if paired_std is not None and n:
+                se = _num(float(paired_std) / math.sqrt(float(n)))  # paired: same prompts and seeds
+            else:
+                se = stderr_of_difference(a, b)
+            deltas.append({"label": label, "value": _num(reward.get(key)), "se": se})
     return {"name": reward.get("name"), "rows": table_rows, "deltas": deltas}
 
 
