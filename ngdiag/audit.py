@@ -15,10 +15,9 @@ single run (batches have fixed boundaries, so every batched forward is identical
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -37,7 +36,7 @@ from ngdiag.durable import (
     STATE_FILE,
 )
 from ngdiag.errors import ConfigError
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
 from ngdiag.probes.paired import PairedVelocity, check_velocity_finite
 from ngdiag.probes.records import NormRecord
@@ -51,15 +50,12 @@ KIND = "audit"
 
 
 @dataclass
-class AuditConfig:
-    """What to audit and how.
+class AuditConfig(SampleSet):
+    """What to audit and how (sample ``i``: prompt ``i mod len(prompts)``, seed ``seed + i``).
 
     Attributes:
-        prompts: the prompts; sample ``i`` uses ``prompts[i % len(prompts)]``.
-        num_samples: number of samples (the bootstrap unit); default ``len(prompts)``.
-        sampling: the pipeline call settings (:class:`ngdiag.generation.SamplingConfig`).
-        seed: sample ``i`` uses seed ``seed + i``; also seeds the bootstrap.
-        batch_size: samples per batch (fixed batch boundaries make resume/shards exact).
+        prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.generation.SampleSet`;
+            ``num_samples`` is the bootstrap unit, ``seed`` also seeds the bootstrap.
         trajectory: ``"theta"`` (default) or ``"ref"``: whose trajectory the norms are taken on.
         renorm: also sample theta with RL renormalization (eq. 3) and the reference's own
             trajectory, and compare them.
@@ -72,11 +68,6 @@ class AuditConfig:
             (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster).
     """
 
-    prompts: list
-    num_samples: Optional[int] = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0
-    batch_size: int = 4
     trajectory: str = "theta"
     renorm: bool = False
     renorm_on: str = "guided"
@@ -88,16 +79,10 @@ class AuditConfig:
     grid_size: int = 4
     fuse_lora: Optional[bool] = None
 
+    _needs_two = "an audit needs at least 2 samples for a confidence interval"
+
     def __post_init__(self):
-        self.prompts = [str(p) for p in self.prompts]
-        if not self.prompts or any(not p.strip() for p in self.prompts):
-            raise ConfigError("the audit needs at least one non-empty prompt")
-        if self.num_samples is None:
-            self.num_samples = len(self.prompts)
-        if int(self.num_samples) < 2:
-            raise ConfigError(f"an audit needs at least 2 samples for a confidence interval, got {self.num_samples}")
-        if int(self.batch_size) < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        super().__post_init__()
         if self.trajectory not in ("theta", "ref"):
             raise ConfigError(f"trajectory must be 'theta' or 'ref', got {self.trajectory!r}")
         if self.renorm_on not in ("guided", "cond"):
@@ -106,27 +91,6 @@ class AuditConfig:
             raise ConfigError(f"confidence must lie in (0, 1), got {self.confidence}")
         if self.tolerance < 0:
             raise ConfigError(f"tolerance must be non-negative, got {self.tolerance}")
-
-    @property
-    def num_batches(self) -> int:
-        return -(-int(self.num_samples) // int(self.batch_size))
-
-    def batch_ids(self, b: int) -> list:
-        start = b * self.batch_size
-        return list(range(start, min(start + self.batch_size, self.num_samples)))
-
-    def prompt_of(self, i: int) -> str:
-        return self.prompts[i % len(self.prompts)]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sampling"] = self.sampling.to_dict()
-        return d
-
-    def fingerprint(self, checkpoint: dict) -> str:
-        """Hash of everything that determines the records (used to refuse resuming a different audit)."""
-        payload = json.dumps({"config": self.to_dict(), "checkpoint": checkpoint}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -495,8 +459,7 @@ def merge_audits(shard_dirs: Sequence, out_dir, *, overwrite: bool = False, repo
     if n is None or shards != list(range(n)):
         raise ConfigError(f"incomplete or repeated shards {shards}; merge all of 0..n-1 exactly once")
     first = states[0][1]
-    sampling = SamplingConfig(**first["config"]["sampling"])
-    config = AuditConfig(**{**first["config"], "sampling": sampling})
+    config = AuditConfig(**first["config"])
     parts = {"records": [], "rewards": [], "distances": [], "images": {}}
     for d, state in states:
         i = state["shard"][0]

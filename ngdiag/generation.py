@@ -20,7 +20,7 @@ from ngdiag.models.families import Conditioning, call_kwargs_for
 from ngdiag.models.loading import Checkpoint
 from ngdiag.sampling import SampleResult, sample
 
-__all__ = ["SamplingConfig", "PreparedBatch", "prepare_batch", "generate", "sample_seeds"]
+__all__ = ["SamplingConfig", "SampleSet", "PreparedBatch", "prepare_batch", "generate", "sample_seeds"]
 
 
 @dataclass
@@ -68,6 +68,62 @@ class SamplingConfig:
         if d["text_encoder_out_layers"] is not None:
             d["text_encoder_out_layers"] = list(d["text_encoder_out_layers"])
         return d
+
+
+@dataclass
+class SampleSet:
+    """Which samples a run covers, in fixed batches (the base of the audit and sensitivity configs).
+
+    Sample ``i`` uses prompt ``prompts[i % len(prompts)]`` and seed ``seed + i``; batch ``b`` holds
+    samples ``b * batch_size ... (b + 1) * batch_size - 1``. Fixed boundaries make resumed and
+    sharded runs compute exactly what one run computes.
+    """
+
+    prompts: list
+    num_samples: Optional[int] = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    batch_size: int = 4
+
+    #: what the run is called in error messages, and why it needs 2 samples
+    _needs_two = "a run needs at least 2 samples"
+
+    def __post_init__(self):
+        self.prompts = [str(p) for p in self.prompts]
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ConfigError("at least one non-empty prompt is needed")
+        if self.num_samples is None:
+            self.num_samples = len(self.prompts)
+        if int(self.num_samples) < 2:
+            raise ConfigError(f"{self._needs_two}, got {self.num_samples}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-int(self.num_samples) // int(self.batch_size))
+
+    def batch_ids(self, b: int) -> list:
+        start = b * self.batch_size
+        return list(range(start, min(start + self.batch_size, self.num_samples)))
+
+    def prompt_of(self, i: int) -> str:
+        return self.prompts[i % len(self.prompts)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sampling"] = self.sampling.to_dict()
+        return d
+
+    def fingerprint(self, checkpoint: dict) -> str:
+        """Hash of everything that determines the results (a run with another hash is not resumed)."""
+        import hashlib
+        import json
+
+        payload = json.dumps({"config": self.to_dict(), "checkpoint": checkpoint}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -27,7 +27,6 @@ import inspect
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 import pandas as pd

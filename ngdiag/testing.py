@@ -131,6 +131,24 @@ def _tiny_t5_encoder():
     return T5EncoderModel(config)
 
 
+def _tiny_vae(cls, **extra):
+    """A two-block VAE with 4 latent channels (8x8 latents for 32x32 images, scale factor 2)."""
+    return cls(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **extra,
+    )
+
+
 def tiny_pipeline(family: str = "sd3", *, seed: int = 0):
     """Build a tiny random-weight diffusers pipeline of ``family`` on CPU, float32, in eval mode.
 
@@ -172,21 +190,7 @@ def _build_tiny_pipeline(family: str, seed: int):
         torch.manual_seed(seed)
         text_encoder_3 = _tiny_t5_encoder()
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = _tiny_vae(AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         return StableDiffusion3Pipeline(
             scheduler=scheduler,
@@ -222,21 +226,7 @@ def _build_tiny_pipeline(family: str, seed: int):
         torch.manual_seed(seed)
         text_encoder_2 = _tiny_t5_encoder()
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = _tiny_vae(AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035)
         scheduler = FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True,
             base_image_seq_len=256,
@@ -284,19 +274,7 @@ def _build_tiny_pipeline(family: str, seed: int):
         torch.manual_seed(seed)
         text_encoder = Qwen3ForCausalLM(config)
         torch.manual_seed(seed)
-        vae = AutoencoderKLFlux2(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = _tiny_vae(AutoencoderKLFlux2)
         scheduler = FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True,
             base_image_seq_len=256,

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from ngdiag.generation import SamplingConfig, prepare_batch

@@ -153,6 +153,19 @@ def _module_function(pipe, name):
     return getattr(module, name)
 
 
+def _calculate_shift_mu(pipe, image_seq_len: int, default_max_shift: float) -> float:
+    """``mu`` from the pipeline module's ``calculate_shift`` and the scheduler config (pipeline defaults)."""
+    cfg = pipe.scheduler.config
+    calculate_shift = _module_function(pipe, "calculate_shift")
+    return calculate_shift(
+        image_seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", default_max_shift),
+    )
+
+
 class FamilyAdapter:
     """Base adapter; subclasses fill in the family's differences."""
 
@@ -241,17 +254,9 @@ class SD3Adapter(FamilyAdapter):
         return (latents.shape[2] // p) * (latents.shape[3] // p)
 
     def _mu(self, image_seq_len, num_steps):
-        cfg = self.pipe.scheduler.config
-        if not cfg.get("use_dynamic_shifting", False):
+        if not self.pipe.scheduler.config.get("use_dynamic_shifting", False):
             return None
-        calculate_shift = _module_function(self.pipe, "calculate_shift")
-        return calculate_shift(
-            image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.16),
-        )
+        return _calculate_shift_mu(self.pipe, image_seq_len, default_max_shift=1.16)
 
     def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=256, **_):
         pipe = self.pipe
@@ -298,15 +303,7 @@ class FluxAdapter(FamilyAdapter):
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def _mu(self, image_seq_len, num_steps):
-        cfg = self.pipe.scheduler.config
-        calculate_shift = _module_function(self.pipe, "calculate_shift")
-        return calculate_shift(
-            image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
+        return _calculate_shift_mu(self.pipe, image_seq_len, default_max_shift=1.15)
 
     def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, **_):
         pipe = self.pipe

@@ -33,7 +33,7 @@ from typing import Optional, Union
 import torch
 
 from ngdiag.errors import CheckpointError
-from ngdiag.models.families import FamilyAdapter, FamilyVelocity, adapter_for, family_of_transformer
+from ngdiag.models.families import FamilyAdapter, adapter_for, family_of_transformer
 
 __all__ = [
     "Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "adapters_disabled", "mixed_adapter_batch",

@@ -10,9 +10,8 @@ resumable, shardable with ``shard=(i, n)`` and joined by :func:`merge_sensitivit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +21,7 @@ import torch
 
 from ngdiag.durable import STATE_FILE, atomic_write, atomic_write_text, prepare_output, read_state, shard_batches
 from ngdiag.errors import ConfigError
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
 from ngdiag.sensitivity.adjoint import norm_sensitivity
 from ngdiag.sensitivity.result import SensitivityResult
@@ -34,55 +33,36 @@ SCHEMA_VERSION = 1
 
 
 @dataclass
-class SensitivityConfig:
-    """What to analyse: prompts, samples, the sampler, the reward and the adjoint method.
+class SensitivityConfig(SampleSet):
+    """What to analyse (sample ``i``: prompt ``i mod len(prompts)``, seed ``seed + i``).
 
-    ``model`` picks whose velocity is analysed: ``"theta"`` (default) or ``"ref"``.
+    Attributes:
+        prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.generation.SampleSet`.
+        reward: the reward spec (required), e.g. ``pickscore:/models/pickscore``.
+        method: ``"discrete"`` (exact adjoint of the sampler) or ``"continuous"`` (torchdiffeq).
+        solver, continuous_substeps: the continuous method's torchdiffeq solver.
+        model: whose velocity is analysed: ``"theta"`` (default) or ``"ref"``.
+        gradient_checkpointing: enable diffusers' gradient checkpointing on the transformer and VAE.
     """
 
-    prompts: list
-    reward: str
-    num_samples: Optional[int] = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0
     batch_size: int = 2
+    reward: Optional[str] = None
     method: str = "discrete"
     solver: str = "rk4"
     continuous_substeps: int = 4
     model: str = "theta"
     gradient_checkpointing: bool = True
 
+    _needs_two = "the analysis needs at least 2 samples for a spread"
+
     def __post_init__(self):
-        self.prompts = [str(p) for p in self.prompts]
-        if not self.prompts or any(not p.strip() for p in self.prompts):
-            raise ConfigError("the sensitivity analysis needs at least one non-empty prompt")
-        if self.num_samples is None:
-            self.num_samples = len(self.prompts)
-        if int(self.num_samples) < 2:
-            raise ConfigError(f"the analysis needs at least 2 samples for a spread, got {self.num_samples}")
-        if int(self.batch_size) < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        super().__post_init__()
+        if not self.reward:
+            raise ConfigError("the sensitivity analysis needs a reward spec, e.g. pickscore:/models/pickscore")
         if self.method not in ("discrete", "continuous"):
             raise ConfigError(f"method must be 'discrete' or 'continuous', got {self.method!r}")
         if self.model not in ("theta", "ref"):
             raise ConfigError(f"model must be 'theta' or 'ref', got {self.model!r}")
-
-    @property
-    def num_batches(self) -> int:
-        return -(-int(self.num_samples) // int(self.batch_size))
-
-    def batch_ids(self, b: int) -> list:
-        start = b * self.batch_size
-        return list(range(start, min(start + self.batch_size, self.num_samples)))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sampling"] = self.sampling.to_dict()
-        return d
-
-    def fingerprint(self, checkpoint: dict) -> str:
-        payload = json.dumps({"config": self.to_dict(), "checkpoint": checkpoint}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def checkpoint_velocity(checkpoint: Checkpoint, conditioning, which: str = "theta") -> Callable:
@@ -174,7 +154,7 @@ class SensitivityRun:
 
 def _run_batch(checkpoint: Checkpoint, config: SensitivityConfig, reward, b: int) -> dict:
     ids = config.batch_ids(b)
-    prompts = [config.prompts[i % len(config.prompts)] for i in ids]
+    prompts = [config.prompt_of(i) for i in ids]
     seeds = [config.seed + i for i in ids]
     batch = prepare_batch(checkpoint, prompts, seeds, config.sampling, sample_ids=ids)
     velocity = checkpoint_velocity(checkpoint, batch.conditioning, config.model)
@@ -289,7 +269,7 @@ def merge_sensitivity(shard_dirs, out_dir, *, overwrite: bool = False, report: b
     if sorted(s["shard"][0] for _, s in states) != list(range(n)):
         raise ConfigError("incomplete or repeated shards; merge all of 0..n-1 exactly once")
     first = states[0][1]
-    config = SensitivityConfig(**{**first["config"], "sampling": SamplingConfig(**first["config"]["sampling"])})
+    config = SensitivityConfig(**first["config"])
     parts = [_read_part(d, b) for d, s in states for b in shard_batches(config.num_batches, tuple(s["shard"]))]
     run = _join(parts, config, first["checkpoint"], config.method)
     out = Path(out_dir)
