@@ -209,7 +209,7 @@ def test_compare_report_of_two_runs(induced, tmp_path):
         assert table[("A", k)]["verdict"] == "inflated"
     html = out.read_text()
     assert html.count("data:image/png;base64,") == 3  # training curves, ratio curves, image grid
-    for text in ("Training curves", "Summary table", "free (fm, lam=0)", "held (fm, lam=10)", "inflation % @1 steps"):
+    for text in ("Training curves", "Summary table", "free (fm, lam=0)", "held (fm, lam=10)", "CI low %"):
         assert text in html, text
     assert "http://" not in html and "https://" not in html
     code, _, err = run_cli("compare", free.output_dir, tmp_path, "--quiet")

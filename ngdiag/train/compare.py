@@ -156,8 +156,9 @@ class CompareResult:
         """The context of ``ngdiag.report.html.render_compare_report``.
 
         ``runs``: ``[{"name", "metrics"}]`` (each run's metrics log as a DataFrame: ``iteration``,
-        ``reward_mean``, ``reward_std``, ``inflation``...); ``table``: rows of :meth:`table_wide`
-        followed by the long table's intervals and verdicts; ``ratio_curves``: per-step ratio curves
+        ``reward_mean``, ``reward_std``, ``inflation``...); ``table``: one row per model and step
+        count (reward with its spread, inflation with its interval and verdict; :meth:`table_wide` has
+        the same numbers in the paper's Table 3 layout); ``ratio_curves``: per-step ratio curves
         of the final checkpoints at the first step count; ``images``: one grid row per model and
         step count; ``title``, ``notes``, ``config`` (the compare settings and the config keys in
         which the runs differ) and ``versions``.
@@ -176,17 +177,19 @@ class CompareResult:
             for model in ("base", *[r.label for r in self.runs]):
                 if k in self.images.get(model, {}):
                     images[f"{model}, {k} steps"] = self.images[model][k]  # short row labels: base, A, B
-        table = _records(self.table_wide())
-        for rec in _records(self.table):
-            if rec["model"] == "base":
-                continue
-            table.append({
-                "model": f"{names[rec['model']]}, {rec['steps']} steps",
-                "inflation CI low %": rec["ci_low_pct"],
-                "inflation CI high %": rec["ci_high_pct"],
-                "verdict": rec["verdict"],
+        table = [
+            {
+                "model": names[rec["model"]],
+                "steps": rec["steps"],
+                "reward": rec["reward_mean"],
                 "reward std": rec["reward_std"],
-            })
+                "inflation %": rec["inflation_pct"],
+                "CI low %": rec["ci_low_pct"],
+                "CI high %": rec["ci_high_pct"],
+                "verdict": rec["verdict"],
+            }
+            for rec in sorted(_records(self.table), key=lambda r: (-int(r["steps"]), r["model"] != "base", str(r["model"])))
+        ]
         diffs = config_diff(self.runs[0].config.to_dict(), self.runs[1].config.to_dict(), skip=("output_dir",))
         notes = [
             f"Reward {self.reward}; {self.num_samples} samples per model and step count, prompt i mod "
