@@ -310,6 +310,8 @@ def _discrete_checkpointed(velocity, x_init, times, reward, keep_adjoints):
     S = torch.empty(steps, batch, dtype=torch.float64)
     for k in reversed(range(steps)):
         S[k] = _dot(a, _applied_velocity(states, times64, k))
+        if k == 0 and not keep_adjoints:
+            break  # a_0 is not needed for S (S_k uses a_{k+1}): skip the last VJP
         x = states[k].detach().requires_grad_(True)
         with torch.enable_grad():
             v = _as_tensor(velocity(x, _time_batch(times[k], x)))
