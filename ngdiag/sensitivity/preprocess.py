@@ -105,8 +105,12 @@ def resize_longest_side(images: torch.Tensor, size: int) -> torch.Tensor:
     return resize(images, round(height * scale), round(width * scale))
 
 
-def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Centre crop to ``(height, width)``; the offset is ``(old - new) // 2`` as in ``transformers``.
+def center_crop(images: torch.Tensor, height: int, width: int, *, offset: str = "floor") -> torch.Tensor:
+    """Centre crop to ``(height, width)``.
+
+    The offset is ``(old - new) // 2`` with ``offset="floor"`` (``transformers``' CLIP processor) or
+    ``int(round((old - new) / 2))`` with ``offset="round"`` (torchvision's ``CenterCrop``, used by
+    open_clip); they differ by one pixel when the margin is odd.
 
     An image smaller than the crop is first zero-padded, ``ceil(missing / 2)`` on the top / left,
     which is what ``transformers.image_transforms.center_crop`` does.
@@ -117,7 +121,12 @@ def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
         top_pad, left_pad = math.ceil((new_h - old_h) / 2), math.ceil((new_w - old_w) / 2)
         images = F.pad(images, (left_pad, new_w - old_w - left_pad, top_pad, new_h - old_h - top_pad))
         old_h, old_w = new_h, new_w
-    top, left = (old_h - height) // 2, (old_w - width) // 2
+    if offset == "round":
+        top, left = int(round((old_h - height) / 2.0)), int(round((old_w - width) / 2.0))
+    elif offset == "floor":
+        top, left = (old_h - height) // 2, (old_w - width) // 2
+    else:
+        raise ConfigError(f"unknown crop offset rule {offset!r}; use 'floor' or 'round'.")
     return images[..., top : top + height, left : left + width]
 
 
@@ -156,6 +165,8 @@ class ImagePreprocess:
             ``(size, size)``.
         mean, std: per-channel normalisation applied after the geometry.
         fill: the padding value in ``[0, 1]`` pixel space (``"pad"`` only; HPSv2 uses 0, black).
+        crop_offset: ``"floor"`` (transformers) or ``"round"`` (torchvision / open_clip), see
+            :func:`center_crop`.
     """
 
     layout: Literal["crop", "pad"]
@@ -164,6 +175,7 @@ class ImagePreprocess:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     fill: float = 0.0
+    crop_offset: str = "floor"
 
     def __post_init__(self) -> None:
         if self.layout not in ("crop", "pad"):
@@ -184,7 +196,7 @@ class ImagePreprocess:
         if self.layout == "pad":
             return pad_to_square(resize_longest_side(images, self.size), self.size, self.fill)
         height, width = self.output_size
-        return center_crop(resize_shortest_side(images, self.size), height, width)
+        return center_crop(resize_shortest_side(images, self.size), height, width, offset=self.crop_offset)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """The model input: :meth:`geometry` followed by ``(x - mean) / std``."""

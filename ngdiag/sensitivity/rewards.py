@@ -457,7 +457,9 @@ class OpenClipScoreReward(_OpenClipReward):
         """
         model, tokenizer = _load_open_clip(path, clip_arch, device, dtype)
         size = _open_clip_image_size(model)
-        return cls(model, tokenizer, ImagePreprocess(layout="crop", size=size, crop_size=(size, size)))
+        # open_clip's evaluation transform crops with torchvision's CenterCrop (rounded offset).
+        preprocess = ImagePreprocess(layout="crop", size=size, crop_size=(size, size), crop_offset="round")
+        return cls(model, tokenizer, preprocess)
 
 
 class HPSv2Reward(_OpenClipReward):
