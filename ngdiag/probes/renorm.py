@@ -24,24 +24,15 @@ from typing import Optional
 
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.errors import ConfigError, NumericalError, sample_list
 from ngdiag.probes.metrics import velocity_norm
 
 __all__ = ["rl_renorm", "cfg_renorm", "check_finite_norms", "check_finite_tensor"]
 
-_MAX_LISTED = 10
 
 
 def _where(step: Optional[int]) -> str:
     return "" if step is None else f" at step {int(step)}"
-
-
-def _sample_list(bad: torch.Tensor) -> str:
-    idx = torch.nonzero(bad.reshape(-1), as_tuple=False).reshape(-1).tolist()
-    if len(idx) <= _MAX_LISTED:
-        return str(idx)
-    shown = ", ".join(str(i) for i in idx[:_MAX_LISTED])
-    return f"[{shown}, ...] ({len(idx)} in all)"
 
 
 def check_finite_norms(norms: torch.Tensor, *, what: str, step: Optional[int] = None) -> None:
@@ -58,7 +49,7 @@ def check_finite_norms(norms: torch.Tensor, *, what: str, step: Optional[int] = 
     norms = torch.as_tensor(norms).detach()
     bad = ~torch.isfinite(norms) | (norms == 0)
     if bool(bad.any()):
-        raise NumericalError(f"{what} has a zero or non-finite norm{_where(step)} for samples {_sample_list(bad)}")
+        raise NumericalError(f"{what} has a zero or non-finite norm{_where(step)} for samples {sample_list(bad)}")
 
 
 def check_finite_tensor(v: torch.Tensor, *, what: str, step: Optional[int] = None) -> None:
@@ -78,7 +69,7 @@ def check_finite_tensor(v: torch.Tensor, *, what: str, step: Optional[int] = Non
         raise ConfigError(f"{what} needs a batch dimension, got a 0-dim tensor")
     bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
-        raise NumericalError(f"{what} has non-finite values{_where(step)} for samples {_sample_list(bad)}")
+        raise NumericalError(f"{what} has non-finite values{_where(step)} for samples {sample_list(bad)}")
 
 
 def _renorm(

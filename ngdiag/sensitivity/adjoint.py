@@ -57,7 +57,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torchdiffeq import odeint_adjoint
 
-from ngdiag.errors import ConfigError, NgdiagError, NumericalError
+from ngdiag.errors import ConfigError, NgdiagError, NumericalError, sample_list
 from ngdiag.sensitivity.result import SensitivityResult
 
 __all__ = ["norm_sensitivity", "FIXED_GRID_SOLVERS", "ADAPTIVE_SOLVERS"]
@@ -183,10 +183,8 @@ def _check_inputs(x_init, times, method, solver, continuous_substeps, rtol, atol
 
 
 def _samples(bad: torch.Tensor) -> str:
-    """``bad``: (B,) bool. 'samples [0, 3]' (first 8, with the count when more)."""
-    idx = bad.nonzero().flatten().tolist()
-    shown = ", ".join(str(i) for i in idx[:8])
-    return f"samples [{shown}{', ...' if len(idx) > 8 else ''}]" + (f" ({len(idx)} in all)" if len(idx) > 8 else "")
+    """``bad``: (B,) bool -> 'samples [0, 3]'."""
+    return f"samples {sample_list(bad)}"
 
 
 def _not_finite(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.errors import ConfigError, NumericalError, sample_list
 
 __all__ = [
     "LossTerms",
@@ -61,7 +61,6 @@ __all__ = [
 AWM_WEIGHTINGS = ("Uniform", "t", "t**2", "huber", "ghuber")
 """Weighting schemes of :func:`awm_log_prob`, spelled as in Flow-Factory's ``awm_weighting``."""
 
-_MAX_LISTED = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,14 +164,6 @@ def _broadcast(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_sample.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _sample_list(bad: torch.Tensor) -> str:
-    idx = torch.nonzero(bad.reshape(-1), as_tuple=False).reshape(-1).tolist()
-    if len(idx) <= _MAX_LISTED:
-        return str(idx)
-    shown = ", ".join(str(i) for i in idx[:_MAX_LISTED])
-    return f"[{shown}, ...] ({len(idx)} in all)"
-
-
 def _to_floats(scalars: Mapping[str, torch.Tensor]) -> dict:
     """Detached scalars as Python floats, with a single device-to-host transfer."""
     names = list(scalars)
@@ -252,10 +243,10 @@ def _normguard(
     ).cpu()
     bad_ref = ~torch.isfinite(host[b : 2 * b]) | (host[b : 2 * b] == 0)
     if bool(bad_ref.any()):
-        raise NumericalError(f"v_ref has a zero or non-finite norm for samples {_sample_list(bad_ref)}.")
+        raise NumericalError(f"v_ref has a zero or non-finite norm for samples {sample_list(bad_ref)}.")
     bad_theta = ~torch.isfinite(host[:b])
     if bool(bad_theta.any()):
-        raise NumericalError(f"v_theta has a non-finite norm for samples {_sample_list(bad_theta)}.")
+        raise NumericalError(f"v_theta has a non-finite norm for samples {sample_list(bad_theta)}.")
     active_fraction, mean_ratio, loss_value = host[2 * b :].tolist()
     return NormGuardTerms(loss, per_sample, active_fraction, mean_ratio), loss_value
 
