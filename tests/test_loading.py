@@ -183,3 +183,18 @@ def test_save_tiny_pipeline_roundtrip(tmp_path):
     path = save_tiny_pipeline(tmp_path / "klein", "flux2-klein")
     assert (path / "model_index.json").is_file() and (path / "ngdiag_defaults.json").is_file()
     assert load_checkpoint(path).family == "flux2-klein"
+
+
+def test_cached_hub_id_loads_offline(tiny_bases, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sd3"
+    shutil.copytree(tiny_bases["sd3"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ckpt = load_checkpoint("tiny-org/tiny-sd3")
+    assert ckpt.family == "sd3" and ckpt.path.endswith(commit)
+    code, _, err = run_cli("inspect", "tiny-org/not-cached")
+    assert code == 2 and "not in the local Hugging Face cache" in err
