@@ -393,8 +393,7 @@ def run_audit(
         The :class:`AuditResult` (``None`` for a shard of several).
     """
     i, n = shard
-    ref = checkpoint.require_ref()
-    del ref
+    checkpoint.require_ref()  # fail before any work when there is no reference
     reward = None
     if config.reward is not None:
         from ngdiag.sensitivity.rewards import load_reward

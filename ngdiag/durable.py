@@ -17,7 +17,10 @@ from typing import Callable, Optional
 
 from ngdiag.errors import ConfigError
 
-__all__ = ["parse_shard", "atomic_write", "atomic_write_text", "read_state", "prepare_output", "shard_batches", "STATE_FILE"]
+__all__ = [
+    "parse_shard", "atomic_write", "atomic_write_text", "read_state", "precheck_output", "prepare_output", "shard_batches",
+    "STATE_FILE",
+]
 
 STATE_FILE = "run_state.json"
 
@@ -69,6 +72,19 @@ def read_state(out) -> Optional[dict]:
         return json.loads(path.read_text())
     except ValueError:
         return None
+
+
+def precheck_output(out, *, overwrite: bool, kind: str) -> None:
+    """Cheap early check, before any model is loaded: ``out`` is absent, empty, an unfinished ``kind``
+    run (resumable; :func:`prepare_output` compares its arguments later), or ``overwrite`` is set."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder")
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        return
+    state = read_state(out)
+    if state is None or state.get("kind") != kind or state.get("complete"):
+        raise ConfigError(f"output folder {out} already exists; pass --overwrite to replace it or choose another --out")
 
 
 def prepare_output(out, fingerprint: str, shard, *, overwrite: bool, kind: str) -> None:

@@ -150,13 +150,11 @@ def register(app: typer.Typer) -> None:
             tolerance=tolerance,
             confidence=confidence,
         )
-        from ngdiag.durable import prepare_output
+        from ngdiag.durable import precheck_output
 
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output path {out} exists and is not a folder")
+        precheck_output(out, overwrite=overwrite, kind="audit")
         ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
         ckpt.require_ref()
-        prepare_output(out, config.fingerprint(ckpt.describe()), list(shard_spec), overwrite=overwrite, kind="audit")
         progress = _Progress(quiet, "audit")
         try:
             result = run_audit(ckpt, config, out_dir=out, shard=shard_spec, overwrite=overwrite, progress=progress)

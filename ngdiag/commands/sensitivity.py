@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         """
         from ngdiag.cli import _device, _dtype
         from ngdiag.commands.audit import _Progress, read_prompts
-        from ngdiag.durable import parse_shard, prepare_output
+        from ngdiag.durable import parse_shard, precheck_output
         from ngdiag.generation import SamplingConfig
         from ngdiag.models.loading import load_checkpoint
         from ngdiag.sensitivity.rewards import parse_reward_spec
@@ -75,10 +75,8 @@ def register(app: typer.Typer) -> None:
             sampling=SamplingConfig(num_steps=steps, guidance_scale=guidance_scale, height=height, width=width),
             seed=seed, batch_size=batch_size, method=method,
         )
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output path {out} exists and is not a folder")
+        precheck_output(out, overwrite=overwrite, kind="sensitivity")
         ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
-        prepare_output(out, config.fingerprint(ckpt.describe()), list(shard_spec), overwrite=overwrite, kind="sensitivity")
         progress = _Progress(quiet, "sensitivity")
         try:
             run = run_sensitivity(ckpt, config, out_dir=out, shard=shard_spec, overwrite=overwrite, progress=progress)
