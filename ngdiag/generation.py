@@ -163,6 +163,7 @@ def prepare_batch(
         raise ConfigError("no prompts to sample")
     config = config.resolved(checkpoint)
     adapter = checkpoint.adapter
+    adapter.check_size(config.height, config.width)
     kwargs = call_kwargs_for(
         adapter,
         max_sequence_length=config.max_sequence_length,

@@ -221,6 +221,8 @@ def test_bad_audit_input(planted, tiny_bases, tmp_path):
         "existing out": (["--out", existing], "already exists"),
         "bad shard": (["--shard", "3/2"], "invalid shard"),
         "bad shard text": (["--shard", "half"], "invalid shard"),
+        "bad image size": (["--height", 7, "--width", 7], "multiples of"),
+        "no samples": (["--num-samples", 1], "at least 2 samples"),
     }
     for name, (extra, needle) in cases.items():
         args = ["audit", ckpt, "--base", base, "--prompt", "a cat", "--prompt", "a dog", "--steps", 2, "--quiet"]

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ngdiag.errors import CheckpointError
+from ngdiag.errors import CheckpointError, ConfigError
 from ngdiag.sampling import GuidedVelocity
 
 __all__ = [
@@ -195,6 +195,9 @@ class FamilyAdapter:
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0
 
+    def check_size(self, height: int, width: int) -> None:
+        """Raise :class:`ConfigError` for an image size the pipeline refuses (FLUX pipelines round down)."""
+
     # ----- schedule -----
     def _mu(self, image_seq_len: int, num_steps: int) -> Optional[float]:
         return None
@@ -244,6 +247,11 @@ class SD3Adapter(FamilyAdapter):
 
     name = "sd3"
     cfg_batched = True
+
+    def check_size(self, height, width):
+        multiple = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+        if height % multiple or width % multiple:
+            raise ConfigError(f"height and width must be multiples of {multiple} for this SD3 pipeline, got {height}x{width}")
 
     def default_size(self):
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
