@@ -256,3 +256,24 @@ def test_fused_lora_pair_matches_two_passes(tiny_bases, tmp_path):
     fused = run_audit(ckpt, AuditConfig(**base_cfg, fuse_lora=True)).record
     torch.testing.assert_close(fused.ratio, separate.ratio, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.cos, separate.cos, rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_two_processes_equal_single_run(planted, tiny_bases, tmp_path):
+    ckpt, base = planted[("flux", 1.08)], tiny_bases["flux"]
+    common = ["audit", str(ckpt), "--base", str(base), "--num-samples", "6", "--steps", "3", "--batch-size", "2",
+              "--format", "json", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "ngdiag.cli", *common, "--out", str(tmp_path / "multi")],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert json.loads(launched.stdout)["verdict"] == "inflated"  # only rank 0 prints the summary
+    code, _, err = run_cli(*common, "--out", tmp_path / "single")
+    assert code == 0, err
+    a = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    b = json.loads((tmp_path / "single" / "summary.json").read_text())
+    for key in ("verdict", "inflation", "per_step", "num_samples"):
+        assert a[key] == b[key]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "multi" / "records.parquet"),
+                                  pd.read_parquet(tmp_path / "single" / "records.parquet"))
+    assert sorted(p.name for p in (tmp_path / "multi.shards").iterdir()) == ["0-of-2", "1-of-2"]

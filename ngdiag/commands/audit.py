@@ -86,6 +86,38 @@ class _Progress:
             self.bar.close()
 
 
+def _launcher_world():
+    """``(rank, world_size, local_rank)`` under torchrun / accelerate launch with several processes, else None."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _merge_launched(out: Path, shard_spec: tuple, overwrite: bool):
+    """Wait for every process (gloo barrier), then rank 0 joins the shards into ``out``."""
+    import torch.distributed as dist
+
+    from ngdiag.audit import merge_audits
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+        result = None
+        if shard_spec[0] == 0:
+            shards = [Path(f"{out}.shards") / f"{i}-of-{shard_spec[1]}" for i in range(shard_spec[1])]
+            result = merge_audits(shards, out, overwrite=overwrite)
+        dist.barrier()
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def audit(
@@ -118,7 +150,8 @@ def register(app: typer.Typer) -> None:
         """Audit a checkpoint for velocity-norm inflation against its base.
 
         Writes report.html, summary.json, steps.csv and records.parquet into --out. A killed
-        audit rerun with the same arguments resumes.
+        audit rerun with the same arguments resumes. Under torchrun (several processes or GPUs)
+        each process runs one shard in OUT.shards/ and rank 0 merges them into --out.
 
         Example: ngdiag audit runs/nft/checkpoint-200/lora --base models/sd35m --prompts prompts.txt --num-samples 64
         """
@@ -152,18 +185,33 @@ def register(app: typer.Typer) -> None:
         )
         from ngdiag.durable import precheck_output
 
+        launched = _launcher_world() if shard is None else None
+        run_out = out
+        if launched is not None:
+            # Under torchrun / accelerate launch: one shard per process, rank 0 merges into --out.
+            rank, world, local_rank = launched
+            shard_spec = (rank, world)
+            run_out = Path(f"{out}.shards") / f"{rank}-of-{world}"
+            if device.startswith("cuda") and ":" not in device:
+                device = f"cuda:{local_rank}"
         precheck_output(out, overwrite=overwrite, kind="audit")
         ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
         ckpt.require_ref()
-        progress = _Progress(quiet, "audit")
+        progress = _Progress(quiet or (launched is not None and launched[0] != 0), "audit")
         try:
-            result = run_audit(ckpt, config, out_dir=out, shard=shard_spec, overwrite=overwrite, progress=progress)
+            result = run_audit(ckpt, config, out_dir=run_out, shard=shard_spec, overwrite=overwrite, progress=progress)
         finally:
             progress.close()
-        if result is None:
+        if launched is not None:
+            result = _merge_launched(out, shard_spec, overwrite)
+            if result is None:
+                return 0
+            summary = result.summary()
+        elif result is None:
             typer.echo(f"shard {shard_spec[0]}/{shard_spec[1]} done: {out}", err=True)
             return 0
-        summary = json.loads((out / "summary.json").read_text())
+        else:
+            summary = json.loads((out / "summary.json").read_text())
         typer.echo(json.dumps(summary, indent=2) if output_format == "json" else format_human(summary))
         if output_format == "human" and not quiet:
             typer.echo(f"report: {out / 'report.html'}", err=True)
