@@ -86,7 +86,7 @@ class _Progress:
             self.bar.close()
 
 
-def _launcher_world():
+def launcher_world():
     """``(rank, world_size, local_rank)`` under torchrun / accelerate launch with several processes, else None."""
     import os
 
@@ -96,11 +96,14 @@ def _launcher_world():
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _merge_launched(out: Path, shard_spec: tuple, overwrite: bool):
-    """Wait for every process (gloo barrier), then rank 0 joins the shards into ``out``."""
-    import torch.distributed as dist
+def launched_shard_dir(out: Path, shard_spec: tuple) -> Path:
+    """Where process ``i`` of ``n`` writes its shard under a launcher: ``OUT.shards/i-of-n``."""
+    return Path(f"{out}.shards") / f"{shard_spec[0]}-of-{shard_spec[1]}"
 
-    from ngdiag.audit import merge_audits
+
+def merge_launched(out: Path, shard_spec: tuple, overwrite: bool, merge):
+    """Wait for every process (gloo barrier), then rank 0 joins the shards into ``out`` with ``merge``."""
+    import torch.distributed as dist
 
     created = not dist.is_initialized()
     if created:
@@ -109,8 +112,8 @@ def _merge_launched(out: Path, shard_spec: tuple, overwrite: bool):
         dist.barrier()
         result = None
         if shard_spec[0] == 0:
-            shards = [Path(f"{out}.shards") / f"{i}-of-{shard_spec[1]}" for i in range(shard_spec[1])]
-            result = merge_audits(shards, out, overwrite=overwrite)
+            shards = [launched_shard_dir(out, (i, shard_spec[1])) for i in range(shard_spec[1])]
+            result = merge(shards, out, overwrite=overwrite)
         dist.barrier()
         return result
     finally:
@@ -185,13 +188,13 @@ def register(app: typer.Typer) -> None:
         )
         from ngdiag.durable import precheck_output
 
-        launched = _launcher_world() if shard is None else None
+        launched = launcher_world() if shard is None else None
         run_out = out
         if launched is not None:
             # Under torchrun / accelerate launch: one shard per process, rank 0 merges into --out.
             rank, world, local_rank = launched
             shard_spec = (rank, world)
-            run_out = Path(f"{out}.shards") / f"{rank}-of-{world}"
+            run_out = launched_shard_dir(out, shard_spec)
             if device.startswith("cuda") and ":" not in device:
                 device = f"cuda:{local_rank}"
         precheck_output(out, overwrite=overwrite, kind="audit")
@@ -203,7 +206,9 @@ def register(app: typer.Typer) -> None:
         finally:
             progress.close()
         if launched is not None:
-            result = _merge_launched(out, shard_spec, overwrite)
+            from ngdiag.audit import merge_audits
+
+            result = merge_launched(out, shard_spec, overwrite, merge_audits)
             if result is None:
                 return 0
             summary = result.summary()

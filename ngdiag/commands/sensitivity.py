@@ -54,12 +54,13 @@ def register(app: typer.Typer) -> None:
     ):
         """Norm-scaling sensitivity S(t) = a(t) . d(t) of a reward, per sample and step (paper eq. 4-5).
 
-        Writes report.html, sensitivity.json and records.parquet into --out; resumable and shardable.
+        Writes report.html, sensitivity.json and records.parquet into --out; resumable and shardable
+        (--shard i/n, or automatically under torchrun, where rank 0 merges into --out).
 
         Example: ngdiag sensitivity runs/nft/checkpoint-200/lora --base models/sd35m --reward pickscore:/models/pickscore --num-samples 64
         """
         from ngdiag.cli import _device, _dtype
-        from ngdiag.commands.audit import _Progress, read_prompts
+        from ngdiag.commands.audit import _Progress, launched_shard_dir, launcher_world, merge_launched, read_prompts
         from ngdiag.durable import parse_shard, precheck_output
         from ngdiag.generation import SamplingConfig
         from ngdiag.models.loading import load_checkpoint
@@ -75,14 +76,28 @@ def register(app: typer.Typer) -> None:
             sampling=SamplingConfig(num_steps=steps, guidance_scale=guidance_scale, height=height, width=width),
             seed=seed, batch_size=batch_size, method=method,
         )
+        launched = launcher_world() if shard is None else None
+        run_out = out
+        if launched is not None:
+            # Under torchrun / accelerate launch: one shard per process, rank 0 merges into --out.
+            shard_spec = launched[:2]
+            run_out = launched_shard_dir(out, shard_spec)
+            if device.startswith("cuda") and ":" not in device:
+                device = f"cuda:{launched[2]}"
         precheck_output(out, overwrite=overwrite, kind="sensitivity")
         ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
-        progress = _Progress(quiet, "sensitivity")
+        progress = _Progress(quiet or (launched is not None and launched[0] != 0), "sensitivity")
         try:
-            run = run_sensitivity(ckpt, config, out_dir=out, shard=shard_spec, overwrite=overwrite, progress=progress)
+            run = run_sensitivity(ckpt, config, out_dir=run_out, shard=shard_spec, overwrite=overwrite, progress=progress)
         finally:
             progress.close()
-        if run is None:
+        if launched is not None:
+            from ngdiag.sensitivity.run import merge_sensitivity
+
+            run = merge_launched(out, shard_spec, overwrite, merge_sensitivity)
+            if run is None:
+                return 0
+        elif run is None:
             typer.echo(f"shard {shard_spec[0]}/{shard_spec[1]} done: {out}", err=True)
             return 0
         summary = json.loads((out / "sensitivity.json").read_text())
