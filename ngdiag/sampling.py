@@ -101,6 +101,9 @@ class GuidedVelocity:
         guidance_scale: ``w``.
         batched: evaluate uncond and cond in one forward on the concatenated batch
             ``[uncond; cond]``, as StableDiffusion3Pipeline does.
+        rescale: ``None``, or ``"token_norm"``: after CFG, rescale the guided velocity of every token
+            to the norm of the conditional one over the last (channel) axis, as QwenImagePipeline
+            does (``comb * ||cond||_-1 / ||comb||_-1``). This is part of the guided velocity.
     """
 
     def __init__(
@@ -110,12 +113,16 @@ class GuidedVelocity:
         uncond: Optional[Mapping[str, Any]] = None,
         guidance_scale: float = 1.0,
         batched: bool = False,
+        rescale: Optional[str] = None,
     ):
+        if rescale not in (None, "token_norm"):
+            raise ConfigError(f"unknown guidance rescale {rescale!r}; use None or 'token_norm'")
         self.model = model
         self.cond = dict(cond or {})
         self.uncond = None if uncond is None else dict(uncond)
         self.guidance_scale = float(guidance_scale)
         self.batched = batched
+        self.rescale = rescale
 
     @property
     def uses_cfg(self) -> bool:
@@ -132,6 +139,8 @@ class GuidedVelocity:
             v_cond = self.model(x, t, **self.cond)
             v_uncond = self.model(x, t, **self.uncond)
         v_guided = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        if self.rescale == "token_norm":
+            v_guided = v_guided * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(v_guided, dim=-1, keepdim=True))
         return VelocityEval(cond=v_cond, guided=v_guided, uncond=v_uncond)
 
 

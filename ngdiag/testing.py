@@ -6,8 +6,8 @@ The models are random: their images are noise, but every code path (prompt encod
 packing, guidance, schedules, VAE decoding, LoRA, full fine-tunes) is the real diffusers one.
 
 Families: ``"sd3"`` (StableDiffusion3Pipeline), ``"flux"`` (FluxPipeline, FLUX.1-dev-like
-with guidance embedding), ``"flux-schnell"`` (FLUX.1 without guidance embedding) and
-``"flux2-klein"`` (Flux2KleinPipeline).
+with guidance embedding), ``"flux-schnell"`` (FLUX.1 without guidance embedding),
+``"flux2-klein"`` (Flux2KleinPipeline) and ``"qwenimage"`` (QwenImagePipeline).
 
 Planted checkpoints have an effect of known size: :func:`save_scaled_finetune` multiplies the
 transformer's final output projection by ``scale`` (bias zeroed), so ``v_theta = scale * v_ref``
@@ -29,7 +29,7 @@ import torch
 
 from ngdiag.errors import ConfigError
 
-FAMILIES = ("sd3", "flux", "flux-schnell", "flux2-klein")
+FAMILIES = ("sd3", "flux", "flux-schnell", "flux2-klein", "qwenimage")
 
 _QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -290,6 +290,49 @@ def _build_tiny_pipeline(family: str, seed: int):
             transformer=transformer,
         )
 
+    if family == "qwenimage":
+        from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=3,
+            joint_attention_dim=16,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 4, 4),
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(
+            base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        )
+        tokenizer = tiny_qwen_tokenizer()
+        text_config = {
+            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": 300,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+        }
+        config = Qwen2_5_VLConfig(
+            text_config=text_config,
+            vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+            hidden_size=16, vocab_size=300, vision_end_token_id=297, vision_start_token_id=298, vision_token_id=299,
+            bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15
+        )
+        return QwenImagePipeline(
+            transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+
     raise ConfigError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
@@ -299,6 +342,7 @@ TINY_CALL_KWARGS = {
     "flux": {"height": 32, "width": 32, "max_sequence_length": 16},
     "flux-schnell": {"height": 32, "width": 32, "max_sequence_length": 16},
     "flux2-klein": {"height": 32, "width": 32, "max_sequence_length": 32, "text_encoder_out_layers": (1, 2)},
+    "qwenimage": {"height": 32, "width": 32, "max_sequence_length": 16},
 }
 
 

@@ -19,4 +19,4 @@ def tiny_bases(tmp_path_factory):
     from ngdiag.testing import save_planted_base
 
     root = tmp_path_factory.mktemp("bases")
-    return {fam: save_planted_base(root / fam, fam) for fam in ("sd3", "flux", "flux2-klein")}
+    return {fam: save_planted_base(root / fam, fam) for fam in ("sd3", "flux", "flux2-klein", "qwenimage")}

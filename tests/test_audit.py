@@ -119,14 +119,15 @@ def test_audit_with_renorm_and_reward_reports_table(planted, tiny_bases):
     assert set(result.images) == {"base", "rl", "rl+renorm"} and result.images["rl"].shape[0] == 2
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd3", "flux2-klein", "qwenimage"])
 def test_live_pipeline_probe_equals_audit(tiny_bases, tmp_path, family):
     lora = save_lora_adapter(tiny_bases[family], tmp_path / "lora", rank=4, alpha=8.0)
     ckpt = load_checkpoint(lora, tiny_bases[family])
     cfg = AuditConfig(prompts=PROMPTS, sampling=SamplingConfig(num_steps=3, guidance_scale=4.0), batch_size=3)
     audit = run_audit(ckpt, cfg).record
     pipe = ckpt.pipeline
-    call = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=4.0, output_type="latent", **TINY_CALL_KWARGS[family])
+    guidance = dict(true_cfg_scale=4.0, negative_prompt=" ") if family == "qwenimage" else dict(guidance_scale=4.0)
+    call = dict(prompt=PROMPTS, num_inference_steps=3, output_type="latent", **guidance, **TINY_CALL_KWARGS[family])
     plain = pipe(generator=[torch.Generator().manual_seed(i) for i in range(3)], **call).images
     with ngdiag.probe(pipe) as rec:
         probed = pipe(generator=[torch.Generator().manual_seed(i) for i in range(3)], **call).images

@@ -34,7 +34,7 @@ def test_pipeline_folder_loads_with_and_without_base(tiny_bases):
     torch.testing.assert_close(v["theta"], v["ref"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein", "qwenimage"])
 def test_full_finetune_folder(tiny_bases, tmp_path, family):
     ft = save_scaled_finetune(tiny_bases[family], tmp_path / "ft", 1.08)
     ckpt = load_checkpoint(ft, base=tiny_bases[family])

@@ -70,7 +70,7 @@ def test_euler_step_is_the_scheduler_step():
     torch.testing.assert_close(euler_step(x, v, sched.sigmas[0], sched.sigmas[1]), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein", "qwenimage"])
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_sampler_reproduces_diffusers_pipeline(family, guidance):
     pipe = tiny_pipeline(family)
@@ -82,8 +82,12 @@ def test_sampler_reproduces_diffusers_pipeline(family, guidance):
     def gens():
         return [torch.Generator().manual_seed(s) for s in (11, 12)]
 
-    expected = pipe(prompt=prompts, num_inference_steps=4, guidance_scale=guidance, generator=gens(),
-                    output_type="latent", height=h, width=w, **kwargs).images
+    if family == "qwenimage":  # CFG is "true CFG" against a negative prompt (" " by default in ngdiag)
+        kwargs_call = dict(negative_prompt=" ", true_cfg_scale=guidance) if guidance > 1 else dict(true_cfg_scale=1.0)
+    else:
+        kwargs_call = dict(guidance_scale=guidance)
+    expected = pipe(prompt=prompts, num_inference_steps=4, generator=gens(), output_type="latent", height=h, width=w,
+                    **kwargs, **kwargs_call).images
     adapter = adapter_for(pipe)
     cond = adapter.encode(prompts, guidance, **kwargs)
     x, inputs = adapter.prepare_latents(2, h, w, gens())

@@ -38,6 +38,7 @@ __all__ = [
     "SD3Adapter",
     "FluxAdapter",
     "Flux2KleinAdapter",
+    "QwenImageAdapter",
     "adapter_for",
     "family_of_pipeline",
     "SUPPORTED_FAMILIES",
@@ -62,44 +63,49 @@ class Conditioning:
     batched: bool
     prompts: list = field(default_factory=list)
     shared_keys: tuple = ()
+    rescale: Optional[str] = None
 
     def guided(self, model) -> GuidedVelocity:
         """Bind this conditioning to a velocity model."""
-        return GuidedVelocity(model, self.cond, self.uncond, self.guidance_scale, self.batched)
+        return GuidedVelocity(model, self.cond, self.uncond, self.guidance_scale, self.batched, self.rescale)
 
     def with_inputs(self, inputs: dict) -> "Conditioning":
         """Add per-call inputs that come with the latents (position ids) to cond and uncond."""
         cond = {**self.cond, **inputs}
         uncond = None if self.uncond is None else {**self.uncond, **inputs}
-        return Conditioning(cond, uncond, self.guidance_scale, self.batched, self.prompts, self.shared_keys)
+        return Conditioning(cond, uncond, self.guidance_scale, self.batched, self.prompts, self.shared_keys, self.rescale)
 
     def repeat(self, n: int) -> "Conditioning":
         """The conditioning of the batch repeated ``n`` times along samples (``[c; c; ...]``)."""
 
-        def rep(d):
-            if d is None:
-                return None
-            return {
-                k: (torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in self.shared_keys else v)
-                for k, v in d.items()
-            }
+        def rep_value(k, v):
+            if k in self.shared_keys:
+                return v
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return torch.cat([v] * n)
+            return v * n if isinstance(v, list) else v
 
-        return Conditioning(rep(self.cond), rep(self.uncond), self.guidance_scale, self.batched, self.prompts * n, self.shared_keys)
+        def rep(d):
+            return None if d is None else {k: rep_value(k, v) for k, v in d.items()}
+
+        return Conditioning(rep(self.cond), rep(self.uncond), self.guidance_scale, self.batched, self.prompts * n,
+                            self.shared_keys, self.rescale)
 
     def select(self, index: slice) -> "Conditioning":
         """The conditioning of the samples ``index`` (a slice) of the batch."""
 
-        def pick(d):
-            if d is None:
-                return None
-            return {
-                k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in self.shared_keys else v)
-                for k, v in d.items()
-            }
+        def pick_value(k, v):
+            if k in self.shared_keys:
+                return v
+            if (isinstance(v, torch.Tensor) and v.dim() > 0) or isinstance(v, list):
+                return v[index]
+            return v
 
-        return Conditioning(
-            pick(self.cond), pick(self.uncond), self.guidance_scale, self.batched, self.prompts[index], self.shared_keys
-        )
+        def pick(d):
+            return None if d is None else {k: pick_value(k, v) for k, v in d.items()}
+
+        return Conditioning(pick(self.cond), pick(self.uncond), self.guidance_scale, self.batched, self.prompts[index],
+                            self.shared_keys, self.rescale)
 
 
 class FamilyVelocity(torch.nn.Module):
@@ -120,7 +126,17 @@ class FamilyVelocity(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         timestep = t * self.num_train_timesteps
-        if self.family == "sd3":
+        if self.family == "qwenimage":
+            out = self.transformer(
+                hidden_states=x,
+                timestep=timestep.to(x.dtype) / 1000,
+                guidance=cond.get("guidance"),
+                encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                img_shapes=cond["img_shapes"],
+                return_dict=False,
+            )[0]
+        elif self.family == "sd3":
             out = self.transformer(
                 hidden_states=x,
                 timestep=timestep,
@@ -396,17 +412,73 @@ class Flux2KleinAdapter(FamilyAdapter):
         return self._vae_decode(self.output_latents(x, height, width))
 
 
+class QwenImageAdapter(FamilyAdapter):
+    """QwenImagePipeline: Qwen2.5-VL text encoder, packed latents, dynamic shift ``mu``, true CFG.
+
+    ``guidance_scale`` is the pipeline's ``true_cfg_scale`` (CFG with separate calls against the
+    negative prompt, default ``" "``), including the pipeline's per-token rescale of the guided
+    velocity to the conditional norm; guidance-distilled checkpoints get it as embedded guidance.
+    """
+
+    name = "qwenimage"
+
+    def uses_cfg(self, guidance_scale):
+        return guidance_scale > 1.0 and not self.pipe.transformer.config.guidance_embeds
+
+    def _default_sigmas(self, num_steps):
+        return np.linspace(1.0, 1 / num_steps, num_steps)
+
+    def _mu(self, image_seq_len, num_steps):
+        return _calculate_shift_mu(self.pipe, image_seq_len, default_max_shift=1.15)
+
+    def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, **_):
+        pipe = self.pipe
+        kw = dict(device=self.device, max_sequence_length=max_sequence_length)
+        pe, mask = pipe.encode_prompt(prompt=list(prompts), **kw)
+        cond = {"encoder_hidden_states": pe, "encoder_hidden_states_mask": mask}
+        if pipe.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full([len(prompts)], float(guidance_scale), device=self.device, dtype=torch.float32)
+        uncond = None
+        do_cfg = self.uses_cfg(guidance_scale)
+        if do_cfg:
+            neg = " " if negative_prompt is None else negative_prompt
+            npe, nmask = pipe.encode_prompt(prompt=[neg] * len(prompts), **kw)
+            uncond = {"encoder_hidden_states": npe, "encoder_hidden_states_mask": nmask}
+        return Conditioning(cond, uncond, guidance_scale if do_cfg else 1.0, False, list(prompts),
+                            rescale="token_norm" if do_cfg else None)
+
+    def prepare_latents(self, batch_size, height, width, generator, dtype=None, **_):
+        pipe = self.pipe
+        x = pipe.prepare_latents(
+            batch_size, pipe.transformer.config.in_channels // 4, height, width, dtype or self.dtype, self.device, generator
+        )
+        vsf = pipe.vae_scale_factor
+        img_shapes = [[(1, height // vsf // 2, width // vsf // 2)]] * batch_size
+        return x, {"img_shapes": img_shapes}
+
+    def decode(self, x, height, width):
+        pipe = self.pipe
+        vae = pipe.vae
+        latents = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor).to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+
 _PIPELINES = {
     "StableDiffusion3Pipeline": SD3Adapter,
     "FluxPipeline": FluxAdapter,
     "Flux2KleinPipeline": Flux2KleinAdapter,
+    "QwenImagePipeline": QwenImageAdapter,
 }
 _TRANSFORMERS = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
     "Flux2Transformer2DModel": "flux2-klein",
+    "QwenImageTransformer2DModel": "qwenimage",
 }
-SUPPORTED_FAMILIES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "flux2-klein": "FLUX.2-klein"}
+SUPPORTED_FAMILIES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "flux2-klein": "FLUX.2-klein", "qwenimage": "Qwen-Image"}
 
 
 def family_of_pipeline(class_name: str) -> Optional[str]:

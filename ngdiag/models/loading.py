@@ -274,14 +274,14 @@ def _check_flow_pipeline(folder: Path) -> None:
     if sched_cls and "FlowMatch" not in sched_cls:
         raise CheckpointError(
             f"{folder} is a {cls} with a {sched_cls}: a noise-prediction diffusion model, not a flow-matching "
-            "model; ngdiag audits rectified-flow pipelines (SD3/SD3.5, FLUX.1, FLUX.2-klein)"
+            "model; ngdiag audits rectified-flow pipelines (SD3/SD3.5, FLUX.1, FLUX.2-klein, Qwen-Image)"
         )
     from ngdiag.models.families import family_of_pipeline
 
     if family_of_pipeline(cls) is None:
         raise CheckpointError(
             f"{folder} is a {cls}, which ngdiag does not support yet; supported: "
-            "StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline"
+            "StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, QwenImagePipeline"
         )
 
 

@@ -10,9 +10,10 @@ The probe hooks two places and removes both hooks when the block exits (also on 
   velocity is renormalized before the scheduler applies it.
 
 The guidance combination is recovered from the calls themselves: one call on a doubled batch
-is ``[uncond; cond]`` (SD3), two calls are ``cond`` then ``uncond`` (FLUX.2, FLUX.1 true CFG), one
-call is ``cond`` alone. The scale ``w`` is solved from the scheduler's input and checked, so the
-probe refuses pipelines whose guided velocity is not ``uncond + w (cond - uncond)``.
+is ``[uncond; cond]`` (SD3), two calls are ``cond`` then ``uncond`` (FLUX.2, FLUX.1 true CFG,
+Qwen-Image), one call is ``cond`` alone. The scale ``w`` is solved from the scheduler's input and
+checked, also with Qwen-Image's per-token rescale of the guided velocity; the probe refuses
+pipelines whose guided velocity is neither.
 
 Without an intervention the probe only reads: the pipeline's images are bit-identical.
 """
@@ -39,6 +40,13 @@ def _first_tensor(output):
     if isinstance(output, (tuple, list)):
         return output[0]
     return output.sample
+
+
+def _guide(cond, unc, w, rescale):
+    guided = unc + w * (cond - unc)
+    if rescale == "token_norm":
+        guided = guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+    return guided
 
 
 class LiveProbe:
@@ -91,15 +99,35 @@ class LiveProbe:
             return t_cond, t_cond, r_cond, r_cond
         else:
             raise ConfigError(f"the probe cannot interpret {len(calls)} transformer calls in one scheduler step")
-        diff = (t_cond - t_unc).double()
+        w, rescale = self._solve_guidance(t_cond, t_unc, guided_theta)
+        return t_cond, guided_theta, r_cond, _guide(r_cond, r_unc, w, rescale)
+
+    def _solve_guidance(self, cond, unc, guided):
+        """``(w, rescale)`` with ``guided == _guide(cond, unc, w, rescale)``, or ConfigError.
+
+        Tries plain CFG (``w`` by least squares) and CFG followed by the per-token rescale to the
+        conditional norm (QwenImagePipeline; ``w`` by a bounded 1-D search).
+        """
+        from scipy.optimize import minimize_scalar
+
+        g = guided.double()
+
+        def error(w, rescale):
+            rebuilt = _guide(cond.double(), unc.double(), w, rescale)
+            return float((rebuilt - g).norm() / g.norm().clamp_min(1e-30))
+
+        diff = (cond - unc).double()
         denom = (diff * diff).sum()
-        w = float(((guided_theta.double() - t_unc.double()) * diff).sum() / denom) if denom > 0 else 1.0
-        w = round(w, 4)
-        rebuilt = t_unc + w * (t_cond - t_unc)
-        err = (rebuilt.double() - guided_theta.double()).norm() / guided_theta.double().norm().clamp_min(1e-30)
-        if err > self.rtol:
-            raise ConfigError("the pipeline's guided velocity is not uncond + w (cond - uncond); the probe cannot pair it")
-        return t_cond, guided_theta, r_cond, r_unc + w * (r_cond - r_unc)
+        w = round(float(((g - unc.double()) * diff).sum() / denom), 4) if denom > 0 else 1.0
+        if error(w, None) <= self.rtol:
+            return w, None
+        found = minimize_scalar(lambda v: error(v, "token_norm"), bounds=(0.0, 50.0), method="bounded",
+                                options={"xatol": 1e-6})
+        w = round(float(found.x), 4)
+        if error(w, "token_norm") <= self.rtol:
+            return w, "token_norm"
+        raise ConfigError("the pipeline's guided velocity is not uncond + w (cond - uncond), with or without the "
+                          "per-token rescale; the probe cannot pair it")
 
     def _wrap_step(self, original):
         def step(model_output, timestep, sample, *args, **kwargs):
