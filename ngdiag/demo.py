@@ -30,7 +30,7 @@ def build_demo_models(root: Path, family: str = "sd3", scale: float = 1.08) -> t
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", help="folder for the tiny models and the audit")
-    parser.add_argument("--family", default="sd3", choices=["sd3", "flux", "flux2-klein"])
+    parser.add_argument("--family", default="sd3", choices=["sd3", "flux", "flux2-klein", "qwenimage"])
     parser.add_argument("--scale", type=float, default=1.08, help="planted velocity scale")
     args = parser.parse_args(argv)
     _quiet_third_party()
