@@ -149,6 +149,15 @@ def _tiny_vae(cls, **extra):
     )
 
 
+def _dynamic_shift_scheduler():
+    """The FLUX-style scheduler (resolution-dependent ``mu``), as FLUX, klein and Qwen-Image ship it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15
+    )
+
+
 def tiny_pipeline(family: str = "sd3", *, seed: int = 0):
     """Build a tiny random-weight diffusers pipeline of ``family`` on CPU, float32, in eval mode.
 
@@ -227,13 +236,7 @@ def _build_tiny_pipeline(family: str, seed: int):
         text_encoder_2 = _tiny_t5_encoder()
         torch.manual_seed(seed)
         vae = _tiny_vae(AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            base_shift=0.5,
-            max_shift=1.15,
-        )
+        scheduler = _dynamic_shift_scheduler()
         return FluxPipeline(
             scheduler=scheduler,
             text_encoder=text_encoder,
@@ -275,13 +278,7 @@ def _build_tiny_pipeline(family: str, seed: int):
         text_encoder = Qwen3ForCausalLM(config)
         torch.manual_seed(seed)
         vae = _tiny_vae(AutoencoderKLFlux2)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            base_shift=0.5,
-            max_shift=1.15,
-        )
+        scheduler = _dynamic_shift_scheduler()
         return Flux2KleinPipeline(
             scheduler=scheduler,
             vae=vae,
@@ -326,9 +323,7 @@ def _build_tiny_pipeline(family: str, seed: int):
         )
         torch.manual_seed(seed)
         text_encoder = Qwen2_5_VLForConditionalGeneration(config)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15
-        )
+        scheduler = _dynamic_shift_scheduler()
         return QwenImagePipeline(
             transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )

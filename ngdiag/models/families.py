@@ -218,8 +218,11 @@ class FamilyAdapter:
     def _mu(self, image_seq_len: int, num_steps: int) -> Optional[float]:
         return None
 
+    #: the pipeline passes ``sigmas = linspace(1, 1/K, K)`` to the scheduler (FLUX, klein, Qwen-Image)
+    linear_sigmas: bool = False
+
     def _default_sigmas(self, num_steps: int):
-        return None
+        return np.linspace(1.0, 1 / num_steps, num_steps) if self.linear_sigmas else None
 
     def schedule(self, num_steps: int, latents: torch.Tensor) -> torch.Tensor:
         """The ``K + 1`` sigmas the pipeline would use for ``latents`` (terminal 0 included)."""
@@ -319,12 +322,10 @@ class FluxAdapter(FamilyAdapter):
     """
 
     name = "flux"
+    linear_sigmas = True
 
     def uses_cfg(self, guidance_scale):
         return False
-
-    def _default_sigmas(self, num_steps):
-        return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def _mu(self, image_seq_len, num_steps):
         return _calculate_shift_mu(self.pipe, image_seq_len, default_max_shift=1.15)
@@ -358,12 +359,10 @@ class Flux2KleinAdapter(FamilyAdapter):
     """Flux2KleinPipeline (FLUX.2-klein): Qwen3 text encoder, CFG with separate calls, empirical ``mu``."""
 
     name = "flux2-klein"
+    linear_sigmas = True
 
     def uses_cfg(self, guidance_scale):
         return guidance_scale > 1.0 and not self.pipe.config.get("is_distilled", False)
-
-    def _default_sigmas(self, num_steps):
-        return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def _mu(self, image_seq_len, num_steps):
         compute_empirical_mu = _module_function(self.pipe, "compute_empirical_mu")
@@ -421,12 +420,10 @@ class QwenImageAdapter(FamilyAdapter):
     """
 
     name = "qwenimage"
+    linear_sigmas = True
 
     def uses_cfg(self, guidance_scale):
         return guidance_scale > 1.0 and not self.pipe.transformer.config.guidance_embeds
-
-    def _default_sigmas(self, num_steps):
-        return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def _mu(self, image_seq_len, num_steps):
         return _calculate_shift_mu(self.pipe, image_seq_len, default_max_shift=1.15)
