@@ -274,6 +274,23 @@ class _TransformersClipReward(BaseReward):
         return self.scale() * cos
 
     @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        processor_path: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Load a local transformers CLIP folder (``config.json`` + weights, ``local_files_only``).
+
+        The tokenizer and image processor are read from ``processor_path`` when given, else from
+        ``path``. For PickScore the reference pairs ``yuvalkirstain/PickScore_v1`` with the processor
+        of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. ``dtype`` defaults to float32.
+        """
+        return cls(*cls._load(path, processor_path, device, dtype))
+
+    @classmethod
     def _load(
         cls,
         path: str | os.PathLike[str],
@@ -308,23 +325,6 @@ class PickScoreReward(_TransformersClipReward):
     def scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().to(torch.promote_types(self.model.logit_scale.dtype, torch.float32))
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        processor_path: str | os.PathLike[str] | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> PickScoreReward:
-        """Load a local PickScore folder (``config.json`` + weights, ``local_files_only``).
-
-        The tokenizer and image processor are read from ``processor_path`` when given, else from
-        ``path``; the reference pairs ``yuvalkirstain/PickScore_v1`` with the processor of
-        ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. ``dtype`` defaults to float32.
-        """
-        return cls(*cls._load(path, processor_path, device, dtype))
-
 
 class ClipScoreReward(_TransformersClipReward):
     """CLIP score ``100 * cos(image_embeds, text_embeds)`` for any transformers CLIP folder.
@@ -338,18 +338,6 @@ class ClipScoreReward(_TransformersClipReward):
 
     def scale(self) -> float:
         return 100.0
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        processor_path: str | os.PathLike[str] | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> ClipScoreReward:
-        """Load a local transformers CLIP folder (model, tokenizer and image processor)."""
-        return cls(*cls._load(path, processor_path, device, dtype))
 
 
 # --------------------------------------------------------------------------------------------
