@@ -65,7 +65,8 @@ class AuditConfig(SampleSet):
         tolerance, confidence, bootstrap, n_resamples: the verdict's statistics.
         grid_size: how many samples appear in the report's image grid.
         fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
-            (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster).
+            (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster, and
+            only for adapters peft can mix: not DoRA).
     """
 
     trajectory: str = "theta"
@@ -237,6 +238,12 @@ class _BatchRunner:
         self.reward = reward
         self.ref = checkpoint.require_ref()
 
+    def _fusable(self) -> bool:
+        """The default for LoRA pairs: fused on CUDA, when peft can mix the adapter in one batch."""
+        from ngdiag.models.loading import mixed_batch_problem
+
+        return self.ckpt.adapter.device.type == "cuda" and mixed_batch_problem(self.ckpt.theta) is None
+
     def run(self, b: int) -> dict:
         cfg = self.config
         ids = cfg.batch_ids(b)
@@ -246,7 +253,7 @@ class _BatchRunner:
         theta_g = batch.conditioning.guided(self.ckpt.theta)
         ref_g = batch.conditioning.guided(self.ref)
         fused = None
-        if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self.ckpt.adapter.device.type == "cuda")):
+        if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self._fusable())):
             from ngdiag.models.loading import ADAPTER_NAME
             from ngdiag.probes.paired import FusedLoraPair
 

@@ -36,8 +36,8 @@ from ngdiag.errors import CheckpointError
 from ngdiag.models.families import FamilyAdapter, adapter_for, family_of_transformer
 
 __all__ = [
-    "Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "adapters_disabled", "mixed_adapter_batch",
-    "AdapterDisabled", "ADAPTER_NAME",
+    "Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "adapter_layers", "adapters_disabled",
+    "mixed_adapter_batch", "mixed_batch_problem", "AdapterDisabled", "ADAPTER_NAME",
 ]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -46,13 +46,39 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --------------------------------------------------------------------------- pair helpers
-@contextlib.contextmanager
-def adapters_disabled(module: torch.nn.Module):
-    """Switch every PEFT adapter layer in ``module`` off inside the block (restored in ``finally``)."""
+_MIXED_BATCH_MODULES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _auxiliary_wrapper_types() -> tuple:
+    """peft's wrappers around fully trained module copies (``modules_to_save``, trainable tokens)."""
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        return (AuxiliaryTrainingWrapper,)
+    except ImportError:  # peft < 0.15 has only ModulesToSaveWrapper
+        from peft.utils.other import ModulesToSaveWrapper
+
+        return (ModulesToSaveWrapper,)
+
+
+def adapter_layers(module: torch.nn.Module) -> list:
+    """Every PEFT layer in ``module`` that an adapter changes: LoRA (and other tuner) layers, and the
+    wrappers of ``modules_to_save`` copies, which are not tuner layers but replace a whole module."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    kinds = (BaseTunerLayer,) + _auxiliary_wrapper_types()
+    return [m for m in module.modules() if isinstance(m, kinds)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """Switch every adapter in ``module`` off inside the block: LoRA layers run their base layer and
+    ``modules_to_save`` wrappers their original module. State and ``requires_grad`` flags are restored
+    in ``finally`` (peft's own switch turns gradients of the adapter weights on when re-enabling)."""
+    layers = adapter_layers(module)
     previous = [m.disable_adapters for m in layers]
+    params = [p for m in layers for p in m.parameters()]
+    grads = [p.requires_grad for p in params]
     try:
         for m in layers:
             m.enable_adapters(False)
@@ -60,6 +86,27 @@ def adapters_disabled(module: torch.nn.Module):
     finally:
         for m, was_disabled in zip(layers, previous):
             m.enable_adapters(not was_disabled)
+        for p, flag in zip(params, grads):
+            p.requires_grad_(flag)
+
+
+def mixed_batch_problem(module: torch.nn.Module) -> Optional[str]:
+    """Why peft cannot run ``module``'s adapters in a mixed-adapter batch, or ``None`` when it can.
+
+    peft refuses ``adapter_names`` for DoRA layers, and its ``modules_to_save`` wrappers split only
+    modules whose one input is the batch (linear, embedding, convolution layers).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    wrappers = _auxiliary_wrapper_types()
+    for name, m in module.named_modules():
+        if isinstance(m, LoraLayer):
+            if any(getattr(m, "use_dora", {}).get(a, False) for a in m.active_adapters):
+                return f"{name} is a DoRA layer, which peft cannot run in a mixed-adapter batch"
+        elif isinstance(m, wrappers) and not isinstance(m.original_module, _MIXED_BATCH_MODULES):
+            return (f"{name} is a modules_to_save copy of a {type(m.original_module).__name__}, which peft cannot "
+                    "run in a mixed-adapter batch")
+    return None
 
 
 @contextlib.contextmanager
@@ -68,6 +115,8 @@ def mixed_adapter_batch(module: torch.nn.Module, pattern: list):
 
     ``pattern`` gives an adapter name per sample (``"__base__"`` for the adapter switched off); a
     layer that sees ``m * len(pattern)`` samples (CFG batches) uses the pattern tiled ``m`` times.
+    LoRA layers and ``modules_to_save`` wrappers both follow the pattern; check
+    :func:`mixed_batch_problem` first.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -78,7 +127,8 @@ def mixed_adapter_batch(module: torch.nn.Module, pattern: list):
             raise CheckpointError(f"mixed adapter batch of {n} samples does not fit a pattern of {len(pattern)}")
         return args, {**kwargs, "adapter_names": list(pattern) * reps}
 
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in module.modules() if isinstance(m, LoraLayer)]
+    kinds = (LoraLayer,) + _auxiliary_wrapper_types()
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in module.modules() if isinstance(m, kinds)]
     try:
         yield
     finally:

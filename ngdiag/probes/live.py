@@ -4,7 +4,7 @@ The probe hooks two places and removes both hooks when the block exits (also on 
 
 - a forward hook on ``pipe.transformer``: after each transformer call it evaluates the reference
   on the same inputs (``ref`` a transformer, or ``None`` for a LoRA pipeline: the same transformer
-  with its adapters switched off);
+  with its adapters switched off, ``modules_to_save`` copies included);
 - a wrapper around ``pipe.scheduler.step``: there the calls of the step are combined into the
   conditional and guided velocities of theta and ref, recorded, and, if asked, the guided
   velocity is renormalized before the scheduler applies it.
@@ -200,9 +200,9 @@ def probe(pipe, ref=None, *, renorm: Optional[str] = None):
     """
     live = LiveProbe(pipe, ref, renorm=renorm)
     if ref is None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from ngdiag.models.loading import adapter_layers
 
-        if not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules()):
+        if not adapter_layers(pipe.transformer):
             raise ConfigError("probe needs ref=: the pipeline's transformer has no LoRA adapter to switch off")
     handle = pipe.transformer.register_forward_hook(live._after_forward, with_kwargs=True)
     scheduler = pipe.scheduler

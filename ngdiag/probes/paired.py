@@ -133,13 +133,18 @@ class FusedLoraPair:
     """Theta and ref of a LoRA checkpoint in one forward on the doubled batch ``[x; x]``.
 
     The first half of the batch runs with the adapter, the second with it switched off
-    (peft's mixed-adapter batches); the guided velocities are then split. Numerically this
-    equals two separate passes up to float rounding of the larger batched matmuls.
+    (peft's mixed-adapter batches: LoRA layers and ``modules_to_save`` copies alike); the guided
+    velocities are then split. Numerically this equals two separate passes up to float rounding of
+    the larger batched matmuls. Checkpoints peft cannot mix (DoRA layers, ``modules_to_save`` copies
+    of modules other than linear, embedding or convolution layers) raise :class:`ConfigError`.
     """
 
     def __init__(self, conditioning, velocity_module, adapter_name: str):
-        from ngdiag.models.loading import mixed_adapter_batch
+        from ngdiag.models.loading import mixed_adapter_batch, mixed_batch_problem
 
+        problem = mixed_batch_problem(velocity_module)
+        if problem is not None:
+            raise ConfigError(f"theta and ref cannot share one mixed-adapter forward: {problem}; use fuse_lora=False")
         self._mixed = mixed_adapter_batch
         self.module = velocity_module
         self.guided = conditioning.repeat(2).guided(velocity_module)
