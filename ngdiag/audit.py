@@ -152,6 +152,7 @@ class AuditResult:
             "base": self.checkpoint.get("base"),
             "family": self.checkpoint.get("family"),
             "checkpoint_kind": self.checkpoint.get("kind"),
+            **{k: self.checkpoint[k] for k in ("lora", "notes") if k in self.checkpoint},
             "config": self.config.to_dict(),
             "versions": versions(),
         }

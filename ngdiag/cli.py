@@ -67,6 +67,7 @@ def inspect(
     base: Annotated[Optional[str], typer.Option(help="Pretrained base pipeline folder.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin/.pt) weights.")] = False,
     output_format: Annotated[str, typer.Option("--format", help="human or json.")] = "human",
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha of a diffusers LoRA file that records none (default: alpha = r, with a warning).")] = None,
 ):
     """Load a checkpoint and tell what it is (format, family, reference).
 
@@ -74,7 +75,8 @@ def inspect(
     """
     from ngdiag.models.loading import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint, base, allow_pickle=allow_pickle)
+    ckpt = load_checkpoint(checkpoint, base, allow_pickle=allow_pickle, lora_alpha=lora_alpha)
+    print_notes(ckpt)
     info = ckpt.describe()
     info["has_reference"] = ckpt.ref is not None
     info["parameters"] = int(sum(p.numel() for p in ckpt.pipeline.transformer.parameters()))
@@ -83,6 +85,12 @@ def inspect(
     else:
         for key, value in info.items():
             typer.echo(f"{key:>14}: {value}")
+
+
+def print_notes(ckpt) -> None:
+    """The checkpoint's warnings (e.g. an assumed LoRA alpha), one line each on stderr."""
+    for note in ckpt.notes:
+        typer.echo(f"warning: {note}", err=True)
 
 
 def _register_optional_commands():

@@ -149,6 +149,7 @@ def register(app: typer.Typer) -> None:
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle weights.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+        lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha of a diffusers LoRA file that records none (default: alpha = r, with a warning).")] = None,
     ):
         """Audit a checkpoint for velocity-norm inflation against its base.
 
@@ -160,7 +161,7 @@ def register(app: typer.Typer) -> None:
         """
         from ngdiag.audit import AuditConfig, run_audit
         from ngdiag.durable import parse_shard
-        from ngdiag.cli import _device, _dtype
+        from ngdiag.cli import _device, _dtype, print_notes
         from ngdiag.generation import SamplingConfig
         from ngdiag.models.loading import load_checkpoint
 
@@ -198,7 +199,10 @@ def register(app: typer.Typer) -> None:
             if device.startswith("cuda") and ":" not in device:
                 device = f"cuda:{local_rank}"
         precheck_output(out, overwrite=overwrite, kind="audit")
-        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
+        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle,
+                               lora_alpha=lora_alpha)
+        if launched is None or launched[0] == 0:
+            print_notes(ckpt)
         ckpt.require_ref()
         progress = _Progress(quiet or (launched is not None and launched[0] != 0), "audit")
         try:

@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle weights.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+        lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha of a diffusers LoRA file that records none (default: alpha = r, with a warning).")] = None,
     ):
         """Norm-scaling sensitivity S(t) = a(t) . d(t) of a reward, per sample and step (paper eq. 4-5).
 
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
         Example: ngdiag sensitivity runs/nft/checkpoint-200/lora --base models/sd35m --reward pickscore:/models/pickscore --num-samples 64
         """
-        from ngdiag.cli import _device, _dtype
+        from ngdiag.cli import _device, _dtype, print_notes
         from ngdiag.commands.audit import _Progress, launched_shard_dir, launcher_world, merge_launched, read_prompts
         from ngdiag.durable import parse_shard, precheck_output
         from ngdiag.generation import SamplingConfig
@@ -85,7 +86,10 @@ def register(app: typer.Typer) -> None:
             if device.startswith("cuda") and ":" not in device:
                 device = f"cuda:{launched[2]}"
         precheck_output(out, overwrite=overwrite, kind="sensitivity")
-        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle)
+        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle,
+                               lora_alpha=lora_alpha)
+        if launched is None or launched[0] == 0:
+            print_notes(ckpt)
         progress = _Progress(quiet or (launched is not None and launched[0] != 0), "sensitivity")
         try:
             run = run_sensitivity(ckpt, config, out_dir=run_out, shard=shard_spec, overwrite=overwrite, progress=progress)

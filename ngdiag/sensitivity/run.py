@@ -135,6 +135,7 @@ class SensitivityRun:
             "checkpoint": self.checkpoint.get("path"),
             "base": self.checkpoint.get("base"),
             "family": self.checkpoint.get("family"),
+            **{k: self.checkpoint[k] for k in ("lora", "notes") if k in self.checkpoint},
             "config": self.config.to_dict(),
             "versions": versions(),
         }
