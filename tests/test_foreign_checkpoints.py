@@ -240,6 +240,24 @@ def test_cli_prints_the_alpha_note_once_and_takes_lora_alpha(tiny_bases, tmp_pat
     assert json.loads((tmp_path / "s" / "sensitivity.json").read_text())["lora"]["alpha"] == 16.0
 
 
+def test_kohya_flux_file_is_converted_by_diffusers(tiny_bases, tmp_path):
+    """Other trainers' formats still go through diffusers' converter (which folds alpha into the weights)."""
+    from safetensors.torch import save_file
+
+    base = tiny_bases["flux"]
+    gen = torch.Generator().manual_seed(0)
+    prefix = "lora_unet_double_blocks_0_img_attn_qkv"
+    file = tmp_path / "kohya.safetensors"
+    save_file({f"{prefix}.lora_down.weight": torch.randn(4, 32, generator=gen) * 0.1,
+               f"{prefix}.lora_up.weight": torch.randn(96, 4, generator=gen) * 0.1,
+               f"{prefix}.alpha": torch.tensor(8.0)}, str(file))
+    pipe = fresh_pipeline(base)
+    pipe.load_lora_weights(str(tmp_path), weight_name=file.name)
+    ckpt = load_checkpoint(file, base)
+    _assert_matches_truth(ckpt, pipe.transformer.eval(), base)
+    assert not ckpt.notes and ckpt.describe()["lora"]["alpha_source"] == "folded into the weights"
+
+
 # ----------------------------------------------------------------------------- B5: another family's LoRA
 def test_lora_of_another_family_is_refused(tiny_bases, tmp_path):
     sd3, flux = tiny_bases["sd3"], tiny_bases["flux"]
@@ -255,6 +273,12 @@ def test_lora_of_another_family_is_refused(tiny_bases, tmp_path):
         code, out, err = run_cli("inspect", path, "--base", flux)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "no module" in lines[0], err
+    # The whole process prints that one line: no peft warning, no diffusers log line before it.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ngdiag.cli", "inspect", str(file), "--base", str(flux)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
 
 # ----------------------------------------------------------------------------- B7: messages and silence

@@ -173,8 +173,8 @@ class Checkpoint:
         call_defaults: default call arguments recorded with the pipeline (tiny test pipelines
             record their image size and sequence length in ``ngdiag_defaults.json``).
         lora: for LoRA checkpoints, what was loaded: ``r``, ``alpha``, ``alpha_source`` (where alpha
-            came from: ``adapter_config.json``, ``file metadata``, ``.alpha tensors``, ``--lora-alpha``
-            or ``assumed equal to r``), ``use_rslora``, ``use_dora``, ``modules_to_save`` (and
+            came from: ``adapter_config.json``, ``file metadata``, ``.alpha tensors``, ``--lora-alpha``,
+            ``folded into the weights`` (formats diffusers converts) or ``assumed equal to r``), ``use_rslora``, ``use_dora``, ``modules_to_save`` (and
             ``rank_pattern`` / ``alpha_pattern`` when the layers differ).
         notes: warnings about the checkpoint for the user (the CLI prints each as one line on
             stderr), e.g. an alpha that had to be assumed.
@@ -456,7 +456,7 @@ _OTHER_ADAPTERS = re.compile(r"\.(lokr_|hada_|oft_|boft_)")
 class _LoraSource:
     """A LoRA read from disk and checked, before any model is loaded."""
 
-    what: str  # "the adapter in FOLDER" / "the LoRA weights FILE", for messages
+    what: str  # "the adapter in FOLDER" / "the LoRA file FILE", for messages
     config: object  # peft LoraConfig
     state: dict  # tensor name (no prefix, no adapter name) -> tensor
     alpha_source: str
@@ -592,7 +592,9 @@ def _convert_with_diffusers(pipeline_cls, state: dict, what: str) -> tuple[dict,
         with _quiet_loading():
             out = reader(dict(state), **kwargs)
     except Exception as exc:
-        raise CheckpointError(f"{what} is in no LoRA format diffusers can read: {_first_line(exc)}") from None
+        reason = f"its converter looked for a tensor {exc.args[0]!r} the file does not have" if isinstance(exc, KeyError) \
+            else _first_line(exc)
+        raise CheckpointError(f"{what} is in no LoRA format diffusers can read for {pipeline_cls.__name__}: {reason}") from None
     return out[0], (out[1] or {}) if with_alphas else {}
 
 
@@ -607,7 +609,7 @@ def _read_diffusers_lora(file: Path, pipeline_cls, allow_pickle: bool, lora_alph
     from diffusers.utils.peft_utils import get_peft_kwargs
     from peft import LoraConfig
 
-    what = f"the LoRA weights {file}"
+    what = f"the LoRA file {file}"
     raw, header = _read_tensors(file, allow_pickle)
     if not raw:
         raise CheckpointError(f"{file} holds no tensors")
@@ -628,8 +630,8 @@ def _read_diffusers_lora(file: Path, pipeline_cls, allow_pickle: bool, lora_alph
         name = key.split(".", 1)[1] if key.split(".", 1)[0] in _COMPONENTS else key
         return _LORA_KEY.search(name) or _ALPHA_KEY.search(name) or _is_saved_module(name, saved)
 
-    alphas = {}
-    if not all(known(k) for k in state):
+    alphas, converted = {}, not all(known(k) for k in state)
+    if converted:
         state, alphas = _convert_with_diffusers(pipeline_cls, state, what)
     state, others = _split_components(state, what)
     if others:
@@ -641,6 +643,9 @@ def _read_diffusers_lora(file: Path, pipeline_cls, allow_pickle: bool, lora_alph
     alphas = {k: float(v) for k, v in alphas.items()}
     for key in state:
         if not _LORA_KEY.search(key) and not _is_saved_module(key, saved):
+            if "lora" in key.lower():
+                name = getattr(pipeline_cls, "__name__", "this pipeline")
+                raise CheckpointError(f"{what}: {key} is in a LoRA format that diffusers does not convert for {name}")
             raise CheckpointError(
                 f"{what}: {key} is not a LoRA matrix (a modules_to_save copy?) and the file has no adapter metadata "
                 "that says what it is; load the PEFT adapter folder saved with it instead"
@@ -659,6 +664,9 @@ def _read_diffusers_lora(file: Path, pipeline_cls, allow_pickle: bool, lora_alph
     if alphas:
         _check_given_alpha(lora_alpha, config, ".alpha tensors", what)
         return _LoraSource(what, config, state, ".alpha tensors", [])
+    if converted:  # diffusers' converters of other formats fold alpha / r into the weights
+        _check_given_alpha(lora_alpha, config, "folded into the weights by diffusers' converter", what)
+        return _LoraSource(what, config, state, "folded into the weights", [])
     if lora_alpha is not None:
         config.lora_alpha, config.alpha_pattern = float(lora_alpha), {}
         return _LoraSource(what, config, state, "--lora-alpha", [])
