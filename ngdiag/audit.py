@@ -27,7 +27,7 @@ import torch
 
 import ngdiag
 from ngdiag.durable import STATE_FILE, RunFolder, load_shards, lock_output, parse_shard, shard_batches, use_output
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.errors import ConfigError, NumericalError, sample_list
 from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
 from ngdiag.probes.paired import PairedVelocity, check_velocity_finite
@@ -298,12 +298,9 @@ def _check_finite(values: torch.Tensor, what: str, sample_ids: Sequence[int], hi
     bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
         ids = np.asarray(sample_ids)[bad.numpy()]
-        raise NumericalError(f"{what} are not finite (NaN or inf) for samples {_ids_text(ids)} {hint}".rstrip())
-
-
-def _ids_text(ids) -> str:
-    ids = [int(i) for i in ids]
-    return str(ids) if len(ids) <= 10 else f"[{', '.join(map(str, ids[:10]))}, ...] ({len(ids)} in all)"
+        mask = np.zeros(int(max(sample_ids)) + 1, dtype=bool)
+        mask[ids] = True  # sample_list prints the global ids of the bad samples
+        raise NumericalError(f"{what} are not finite (NaN or inf) for samples {sample_list(mask)} {hint}".rstrip())
 
 
 def _part_names(b: int) -> dict:
@@ -342,7 +339,7 @@ def _read_parts(out: Path, batches: Sequence[int]) -> dict:
                     images.append((data["ids"], {key.replace("_plus_", "+"): data[key] for key in data.files if key != "ids"}))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read the part of batch {b} in {out} ({type(exc).__name__}); "
-                              "delete that folder's parts/*-b{b:05d}.* files and rerun to redo the batch") from None
+                              f"delete {out}/parts/*-b{b:05d}.* and rerun to redo that batch") from None
     return {"records": records, "rewards": rewards, "distances": distances, "images": images}
 
 
