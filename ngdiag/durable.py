@@ -481,7 +481,8 @@ class RunFolder:
         return read_state(self.path)
 
     def exists(self, rel) -> bool:
-        return (self.path / rel).is_file()
+        """Whether ``rel`` is a file this folder's runs wrote (a file ngdiag did not list does not count)."""
+        return str(PurePosixPath(str(rel).replace(os.sep, "/"))) in self._listed and _is_regular(self.path / rel)
 
     # -- writing
     def _record(self, entry: str) -> None:
