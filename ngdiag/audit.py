@@ -26,16 +26,8 @@ import pandas as pd
 import torch
 
 import ngdiag
-from ngdiag.durable import (
-    atomic_write as _atomic_write,
-    atomic_write_text as _atomic_write_text,
-    parse_shard,
-    prepare_output,
-    read_state,
-    shard_batches,
-    STATE_FILE,
-)
-from ngdiag.errors import ConfigError
+from ngdiag.durable import STATE_FILE, RunFolder, load_shards, lock_output, parse_shard, shard_batches, use_output
+from ngdiag.errors import ConfigError, NumericalError, sample_list
 from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
 from ngdiag.probes.paired import PairedVelocity, check_velocity_finite
@@ -163,19 +155,27 @@ class AuditResult:
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
-        """Write ``summary.json``, ``steps.csv``, ``records.parquet`` and ``report.html`` atomically."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write ``summary.json``, ``steps.csv``, ``records.parquet`` and ``report.html`` atomically.
+
+        ``out_dir`` is a folder path or an open :class:`~ngdiag.durable.RunFolder`. Everything is
+        rendered before the first file is written, and ``summary.json`` is written last; a file in
+        the folder that ngdiag did not write is never replaced.
+        """
+        if not isinstance(out_dir, RunFolder):
+            with lock_output(out_dir) as folder:
+                return self.save(folder, report=report)
         summary = self.summary()
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        _atomic_write(out / "steps.csv", lambda p: self.per_step.to_csv(p, index=False))
-        _atomic_write(out / "records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
+        html = None
         if report:
-            from ngdiag.report.html import render_audit_report, write_html
+            from ngdiag.report.html import render_audit_report
 
             html = render_audit_report(summary, self.per_step, self.per_sample, images=self.images or None,
                                        prompts=self.config.prompts)
-            write_html(html, out / "report.html")
+        out_dir.write("steps.csv", lambda p: self.per_step.to_csv(p, index=False))
+        out_dir.write("records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
+        if html is not None:
+            out_dir.write_text("report.html", html)
+        out_dir.write_text("summary.json", json.dumps(summary, indent=2))
         return summary
 
 
@@ -285,11 +285,14 @@ class _BatchRunner:
         for name, x in finals.items():
             if not decode_all and not grid:
                 continue
+            decoded_ids = ids if decode_all else [ids[j] for j in grid]
             with torch.no_grad():
                 images = self.ckpt.adapter.decode(x if decode_all else x[grid], h, w).float().cpu()
+            _check_finite(images, f"the decoded {name} images", decoded_ids, "(the latents are finite: check the VAE)")
             if decode_all:
                 with torch.no_grad():
                     scores = self.reward(images.to(self.ckpt.adapter.device), prompts).float().cpu()
+                _check_finite(scores, f"the reward of the {name} images", ids, f"({cfg.reward})")
                 out["rewards"] += [{"sample": i, "model": name, "reward": float(s)} for i, s in zip(ids, scores)]
                 images = images[grid]
             if grid:
@@ -298,42 +301,64 @@ class _BatchRunner:
         return out
 
 
-def _part_paths(out: Path, b: int) -> dict:
-    parts = out / "parts"
+def _check_finite(values: torch.Tensor, what: str, sample_ids: Sequence[int], hint: str = "") -> None:
+    """Raise :class:`NumericalError` naming the samples whose ``values`` (first axis: samples) are not finite."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        ids = np.asarray(sample_ids)[bad.numpy()]
+        mask = np.zeros(int(max(sample_ids)) + 1, dtype=bool)
+        mask[ids] = True  # sample_list prints the global ids of the bad samples
+        raise NumericalError(f"{what} are not finite (NaN or inf) for samples {sample_list(mask)} {hint}".rstrip())
+
+
+def _part_names(b: int) -> dict:
     return {
-        "records": parts / f"records-b{b:05d}.parquet",
-        "extras": parts / f"extras-b{b:05d}.json",
-        "images": parts / f"images-b{b:05d}.npz",
+        "records": f"parts/records-b{b:05d}.parquet",
+        "extras": f"parts/extras-b{b:05d}.json",
+        "images": f"parts/images-b{b:05d}.npz",
     }
 
 
-def _write_part(out: Path, b: int, result: dict) -> None:
-    paths = _part_paths(out, b)
-    paths["records"].parent.mkdir(parents=True, exist_ok=True)
+def _write_part(folder: RunFolder, b: int, result: dict) -> None:
+    names = _part_names(b)
     if result["images"]:
-        _atomic_write(paths["images"], lambda p: np.savez_compressed(open(p, "wb"), ids=np.asarray(result["grid_ids"]), **{
+        folder.write(names["images"], lambda p: np.savez_compressed(open(p, "wb"), ids=np.asarray(result["grid_ids"]), **{
             k.replace("+", "_plus_"): v for k, v in result["images"].items()}))
     extras = {"rewards": result["rewards"], "distances": result["distances"]}
-    _atomic_write_text(paths["extras"], json.dumps(extras))
+    folder.write_text(names["extras"], json.dumps(extras))
     # The records file is written last: its presence marks the batch as done.
-    _atomic_write(paths["records"], lambda p: result["record"].to_frame().to_parquet(p, index=False))
+    folder.write(names["records"], lambda p: result["record"].to_frame().to_parquet(p, index=False))
 
 
 def _read_parts(out: Path, batches: Sequence[int]) -> dict:
-    records, rewards, distances, images = [], [], [], {}
+    """The parts of ``batches`` in ``out``; images as ``[(sample ids, {model: array})]``."""
+    records, rewards, distances, images = [], [], [], []
     for b in batches:
-        paths = _part_paths(out, b)
-        records.append(NormRecord.from_frame(pd.read_parquet(paths["records"])))
-        extras = json.loads(paths["extras"].read_text())
-        rewards += extras["rewards"]
-        distances += extras["distances"]
-        if paths["images"].is_file():
-            with np.load(paths["images"]) as data:
-                for key in data.files:
-                    if key == "ids":
-                        continue
-                    images.setdefault(key.replace("_plus_", "+"), []).append(data[key])
+        paths = {k: Path(out) / v for k, v in _part_names(b).items()}
+        if not paths["records"].is_file():
+            raise ConfigError(f"{paths['records']} is missing: the run in {out} is incomplete; rerun it with the same arguments")
+        try:
+            records.append(NormRecord.from_frame(pd.read_parquet(paths["records"])))
+            extras = json.loads(paths["extras"].read_text(encoding="utf-8"))
+            rewards += extras["rewards"]
+            distances += extras["distances"]
+            if paths["images"].is_file():
+                with np.load(paths["images"]) as data:
+                    images.append((data["ids"], {key.replace("_plus_", "+"): data[key] for key in data.files if key != "ids"}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot read the part of batch {b} in {out} ({type(exc).__name__}); "
+                              f"delete {out}/parts/*-b{b:05d}.* and rerun to redo that batch") from None
     return {"records": records, "rewards": rewards, "distances": distances, "images": images}
+
+
+def _grid_images(parts: list, grid_size: int) -> dict:
+    """The image grid in sample order, whatever order the parts come in (shards, resumes)."""
+    if not parts:
+        return {}
+    ids = np.concatenate([np.asarray(i) for i, _ in parts])
+    order = np.argsort(ids, kind="stable")
+    models = list(parts[0][1])
+    return {k: np.concatenate([arrays[k] for _, arrays in parts])[order][:grid_size] for k in models}
 
 
 def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult:
@@ -365,13 +390,14 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     rewards = pd.DataFrame(parts["rewards"]).sort_values(["model", "sample"], ignore_index=True) if parts["rewards"] else None
     renorm = None
     if parts["distances"]:
-        d = pd.DataFrame(parts["distances"])
+        # sample order, whatever order the parts come in: merged shards sum in the single run's order
+        d = pd.DataFrame(parts["distances"]).sort_values(["model", "sample"], kind="stable", ignore_index=True)
         renorm = {"velocity": config.renorm_on, "equation": "v' = v_theta * ||v_ref|| / ||v_theta|| (paper eq. 3)"}
         for model, sub in d.groupby("model"):
             key = model.replace("+", "_")
             renorm[f"{key}_relative_distance_to_base_mean"] = float(sub["relative_distance_to_base"].mean())
             renorm[f"{key}_relative_distance_to_base_std"] = float(sub["relative_distance_to_base"].std(ddof=1)) if len(sub) > 1 else 0.0
-    images = {k: np.concatenate(v)[: config.grid_size] for k, v in parts["images"].items()}
+    images = _grid_images(parts["images"], config.grid_size)
     return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images)
 
 
@@ -390,10 +416,13 @@ def run_audit(
     Args:
         checkpoint: a loaded checkpoint with a reference (``load_checkpoint(path, base)``).
         config: :class:`AuditConfig`.
-        out_dir: folder for durable, resumable output; ``None`` keeps everything in memory.
+        out_dir: folder for durable, resumable output (a path, or a :class:`~ngdiag.durable.RunFolder`
+            from ``open_output(..., kind="audit")``); ``None`` keeps everything in memory. The
+            folder is locked for the run; it must not be, contain or lie inside the checkpoint or base.
         shard: ``(i, n)``: run only batches ``b`` with ``b % n == i``. With ``n > 1`` the shard's
             parts are written and ``None`` is returned: join shards with :func:`merge_audits`.
-        overwrite: replace a non-resumable ``out_dir``.
+        overwrite: replace ngdiag's own output in a non-resumable ``out_dir`` (files ngdiag did not
+            write are never touched).
         progress: ``f(done_batches, total_batches)`` called after each batch.
         report: also render ``report.html`` when saving.
 
@@ -402,6 +431,7 @@ def run_audit(
     """
     i, n = shard
     checkpoint.require_ref()  # fail before any work when there is no reference
+    config.check_against(checkpoint)  # image size and the like: before anything is written
     reward = None
     if config.reward is not None:
         from ngdiag.sensitivity.rewards import load_reward
@@ -413,76 +443,65 @@ def run_audit(
         if n > 1:
             raise ConfigError("a sharded audit needs an output folder")
         runner = _BatchRunner(checkpoint, config, reward)
-        parts = {"records": [], "rewards": [], "distances": [], "images": {}}
+        parts = {"records": [], "rewards": [], "distances": [], "images": []}
         for done, b in enumerate(batches, 1):
             res = runner.run(b)
             parts["records"].append(res["record"])
             parts["rewards"] += res["rewards"]
             parts["distances"] += res["distances"]
-            for k, v in res["images"].items():
-                parts["images"].setdefault(k, []).append(v)
+            if res["images"]:
+                parts["images"].append((res["grid_ids"], res["images"]))
             if progress:
                 progress(done, len(batches))
         return _finalize(parts, config, info)
 
-    out = Path(out_dir)
     fingerprint = config.fingerprint(info)
-    prepare_output(out, fingerprint, [i, n], overwrite=overwrite, kind=KIND)
     state = {"kind": KIND, "fingerprint": fingerprint, "shard": [i, n], "complete": False, "config": config.to_dict(), "checkpoint": info,
              "num_batches": config.num_batches}
-    _atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
-    runner = _BatchRunner(checkpoint, config, reward)
-    for done, b in enumerate(batches, 1):
-        if not _part_paths(out, b)["records"].is_file():
-            _write_part(out, b, runner.run(b))
-        if progress:
-            progress(done, len(batches))
-    state["complete"] = True
-    if n > 1:
-        _atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
-        return None
-    result = _finalize(_read_parts(out, batches), config, info)
-    result.save(out, report=report)
-    _atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
+    inputs = [("checkpoint", info.get("path")), ("base", info.get("base"))]
+    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite, config=config.to_dict(), shard=[i, n]) as folder:
+        folder.begin(state)
+        runner = _BatchRunner(checkpoint, config, reward)
+        for done, b in enumerate(batches, 1):
+            if not folder.exists(_part_names(b)["records"]):
+                _write_part(folder, b, runner.run(b))
+            if progress:
+                progress(done, len(batches))
+        state["complete"] = True
+        if n > 1:
+            folder.write_text(STATE_FILE, json.dumps(state, indent=2))
+            return None
+        result = _finalize(_read_parts(folder.path, batches), config, info)
+        result.save(folder, report=report)
+        folder.write_text(STATE_FILE, json.dumps(state, indent=2))
     return result
 
 
 def merge_audits(shard_dirs: Sequence, out_dir, *, overwrite: bool = False, report: bool = True) -> AuditResult:
-    """Join the shards of one audit (``--shard i/n`` runs) into the result of a single run."""
-    states = []
-    for d in shard_dirs:
-        state = read_state(Path(d))
-        if state is None:
-            raise ConfigError(f"{d} is not an ngdiag audit folder (no {STATE_FILE})")
-        if not state.get("complete"):
-            raise ConfigError(f"the audit in {d} is not finished; rerun it with the same arguments to resume")
-        states.append((Path(d), state))
-    fingerprints = {s["fingerprint"] for _, s in states}
-    if len(fingerprints) != 1:
-        raise ConfigError("these folders hold audits with different arguments; merge shards of one audit only")
-    n_values = {s["shard"][1] for _, s in states}
-    shards = sorted(s["shard"][0] for _, s in states)
-    n = n_values.pop() if len(n_values) == 1 else None
-    if n is None or shards != list(range(n)):
-        raise ConfigError(f"incomplete or repeated shards {shards}; merge all of 0..n-1 exactly once")
+    """Join the shards of one audit (``--shard i/n`` runs) into the result of a single run.
+
+    The merged ``summary.json`` and ``report.html`` are byte for byte those of the single run.
+    ``out_dir`` is a folder path or an open :class:`~ngdiag.durable.RunFolder`; it must not be,
+    contain or lie inside a shard folder.
+    """
+    states, n = load_shards(shard_dirs, KIND)
     first = states[0][1]
-    config = AuditConfig(**first["config"])
-    parts = {"records": [], "rewards": [], "distances": [], "images": {}}
-    for d, state in states:
-        i = state["shard"][0]
-        p = _read_parts(d, shard_batches(config.num_batches, (i, n)))
-        parts["records"] += p["records"]
-        parts["rewards"] += p["rewards"]
-        parts["distances"] += p["distances"]
-        for k, v in p["images"].items():
-            parts["images"].setdefault(k, []).append((i, v))
-    # images: keep batch order (shard 0 holds batch 0, which holds the first grid samples)
-    parts["images"] = {k: [a for _, arrs in sorted(v, key=lambda x: x[0]) for a in arrs] for k, v in parts["images"].items()}
-    result = _finalize(parts, config, first["checkpoint"])
-    out = Path(out_dir)
-    prepare_output(out, "merge-" + first["fingerprint"], [0, 1], overwrite=overwrite, kind=KIND)
-    result.save(out, report=report)
-    _atomic_write_text(out / STATE_FILE, json.dumps({"kind": KIND, "fingerprint": first["fingerprint"], "shard": [0, 1], "complete": True,
-                                                     "merged_from": [str(d) for d, _ in states], "config": first["config"],
-                                                     "checkpoint": first["checkpoint"], "num_batches": config.num_batches}, indent=2))
+    try:
+        config = AuditConfig(**first["config"])
+    except TypeError as exc:
+        raise ConfigError(f"{states[0][0] / STATE_FILE} is corrupt (its config does not fit this ngdiag: {exc})") from None
+    inputs = [("shard folder", d) for d, _ in states]
+    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite) as folder:
+        parts = {"records": [], "rewards": [], "distances": [], "images": []}
+        for d, state in states:
+            p = _read_parts(d, shard_batches(config.num_batches, (state["shard"][0], n)))
+            for key in parts:
+                parts[key] += p[key]
+        result = _finalize(parts, config, first["checkpoint"])
+        state = {"kind": KIND, "fingerprint": first["fingerprint"], "shard": [0, 1], "complete": False,
+                 "merged_from": [str(d) for d, _ in states], "config": first["config"], "checkpoint": first["checkpoint"],
+                 "num_batches": config.num_batches}
+        folder.begin({**state, "fingerprint": "merge-" + first["fingerprint"]})
+        result.save(folder, report=report)
+        folder.write_text(STATE_FILE, json.dumps({**state, "complete": True}, indent=2))
     return result

@@ -117,6 +117,11 @@ class SampleSet:
         d["sampling"] = self.sampling.to_dict()
         return d
 
+    def check_against(self, checkpoint: Checkpoint) -> None:
+        """Check what depends on the checkpoint (the image size) before a run writes anything."""
+        resolved = self.sampling.resolved(checkpoint)
+        checkpoint.adapter.check_size(resolved.height, resolved.width)
+
     def fingerprint(self, checkpoint: dict) -> str:
         """Hash of everything that determines the results (a run with another hash is not resumed)."""
         import hashlib

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -101,8 +102,42 @@ def launched_shard_dir(out: Path, shard_spec: tuple) -> Path:
     return Path(f"{out}.shards") / f"{shard_spec[0]}-of-{shard_spec[1]}"
 
 
-def merge_launched(out: Path, shard_spec: tuple, overwrite: bool, merge):
-    """Wait for every process (gloo barrier), then rank 0 joins the shards into ``out`` with ``merge``."""
+def run_inputs(checkpoint, base, prompts_file, reward) -> list:
+    """The local inputs of an audit or sensitivity run, which its output folder must stay clear of."""
+    inputs = [("checkpoint", checkpoint), ("base", base), ("prompts file", prompts_file)]
+    if reward is not None:
+        from ngdiag.sensitivity.rewards import parse_reward_spec
+
+        inputs.append(("reward weights", parse_reward_spec(reward)[1]))
+    return inputs
+
+
+@contextlib.contextmanager
+def output_folders(out: Path, launched, *, kind: str, inputs: list, overwrite: bool, config: dict, shard_spec: tuple):
+    """Check and lock the output folders of a run before any model is loaded.
+
+    Yields ``(run_folder, merge_target)``: the folder this process writes its run (or shard) into,
+    and what rank 0 merges into under a launcher (``out`` locked by rank 0, ``None`` elsewhere).
+    """
+    from ngdiag.durable import check_output_folder, open_output
+
+    with contextlib.ExitStack() as stack:
+        merge_target = None
+        run_out = out
+        if launched is not None:
+            check_output_folder(out, kind=kind, inputs=inputs, overwrite=overwrite)
+            if shard_spec[0] == 0:
+                merge_target = stack.enter_context(open_output(out, kind=kind, inputs=inputs, overwrite=overwrite))
+            run_out = launched_shard_dir(out, shard_spec)
+        folder = stack.enter_context(open_output(run_out, kind=kind, inputs=inputs, overwrite=overwrite, config=config,
+                                                 shard=list(shard_spec)))
+        yield folder, merge_target
+
+
+def merge_launched(out, shard_spec: tuple, overwrite: bool, merge):
+    """Wait for every process (gloo barrier), then rank 0 joins the shards into ``out`` with ``merge``.
+
+    ``out`` is rank 0's locked merge target (:func:`output_folders`) or the output path."""
     import torch.distributed as dist
 
     created = not dist.is_initialized()
@@ -112,7 +147,8 @@ def merge_launched(out: Path, shard_spec: tuple, overwrite: bool, merge):
         dist.barrier()
         result = None
         if shard_spec[0] == 0:
-            shards = [launched_shard_dir(out, (i, shard_spec[1])) for i in range(shard_spec[1])]
+            path = out.path if hasattr(out, "path") else out
+            shards = [launched_shard_dir(path, (i, shard_spec[1])) for i in range(shard_spec[1])]
             result = merge(shards, out, overwrite=overwrite)
         dist.barrier()
         return result
@@ -148,7 +184,7 @@ def register(app: typer.Typer) -> None:
         shard: Annotated[Optional[str], typer.Option(help="Run shard i/n of the batches; join with ngdiag merge.")] = None,
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle weights.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace ngdiag's output in an existing output folder (other files are kept).")] = False,
         lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha of a diffusers LoRA file that records none (default: alpha = r, with a warning).")] = None,
     ):
         """Audit a checkpoint for velocity-norm inflation against its base.
@@ -187,32 +223,31 @@ def register(app: typer.Typer) -> None:
             tolerance=tolerance,
             confidence=confidence,
         )
-        from ngdiag.durable import precheck_output
-
         launched = launcher_world() if shard is None else None
-        run_out = out
         if launched is not None:
             # Under torchrun / accelerate launch: one shard per process, rank 0 merges into --out.
             rank, world, local_rank = launched
             shard_spec = (rank, world)
-            run_out = launched_shard_dir(out, shard_spec)
             if device.startswith("cuda") and ":" not in device:
                 device = f"cuda:{local_rank}"
-        precheck_output(out, overwrite=overwrite, kind="audit")
-        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle,
-                               lora_alpha=lora_alpha)
-        if launched is None or launched[0] == 0:
-            print_notes(ckpt)
-        ckpt.require_ref()
-        progress = _Progress(quiet or (launched is not None and launched[0] != 0), "audit")
-        try:
-            result = run_audit(ckpt, config, out_dir=run_out, shard=shard_spec, overwrite=overwrite, progress=progress)
-        finally:
-            progress.close()
-        if launched is not None:
-            from ngdiag.audit import merge_audits
+        inputs = run_inputs(checkpoint, base, prompts_file, reward)
+        with output_folders(out, launched, kind="audit", inputs=inputs, overwrite=overwrite, config=config.to_dict(),
+                            shard_spec=shard_spec) as (folder, merge_target):
+            ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle,
+                                   lora_alpha=lora_alpha)
+            if launched is None or launched[0] == 0:
+                print_notes(ckpt)
+            ckpt.require_ref()
+            progress = _Progress(quiet or (launched is not None and launched[0] != 0), "audit")
+            try:
+                result = run_audit(ckpt, config, out_dir=folder, shard=shard_spec, overwrite=overwrite, progress=progress)
+            finally:
+                progress.close()
+            if launched is not None:
+                from ngdiag.audit import merge_audits
 
-            result = merge_launched(out, shard_spec, overwrite, merge_audits)
+                result = merge_launched(merge_target, shard_spec, overwrite, merge_audits)
+        if launched is not None:
             if result is None:
                 return 0
             summary = result.summary()
@@ -237,7 +272,7 @@ def register(app: typer.Typer) -> None:
         shards: Annotated[List[Path], typer.Argument(help="Output folders of the shards of one audit.")],
         out: Annotated[Path, typer.Option(help="Output folder of the merged audit.")] = Path("audit-merged"),
         output_format: Annotated[str, typer.Option("--format", help="human or json.")] = "human",
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace ngdiag's output in an existing output folder (other files are kept).")] = False,
     ):
         """Join the shards of an audit (run with --shard i/n) into one result.
 

@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         shard: Annotated[Optional[str], typer.Option(help="Run shard i/n of the batches; join with merge-sensitivity.")] = None,
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle weights.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace ngdiag's output in an existing output folder (other files are kept).")] = False,
         lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha of a diffusers LoRA file that records none (default: alpha = r, with a warning).")] = None,
     ):
         """Norm-scaling sensitivity S(t) = a(t) . d(t) of a reward, per sample and step (paper eq. 4-5).
@@ -61,8 +61,8 @@ def register(app: typer.Typer) -> None:
         Example: ngdiag sensitivity runs/nft/checkpoint-200/lora --base models/sd35m --reward pickscore:/models/pickscore --num-samples 64
         """
         from ngdiag.cli import _device, _dtype, print_notes
-        from ngdiag.commands.audit import _Progress, launched_shard_dir, launcher_world, merge_launched, read_prompts
-        from ngdiag.durable import parse_shard, precheck_output
+        from ngdiag.commands.audit import _Progress, launcher_world, merge_launched, output_folders, read_prompts, run_inputs
+        from ngdiag.durable import parse_shard
         from ngdiag.generation import SamplingConfig
         from ngdiag.models.loading import load_checkpoint
         from ngdiag.sensitivity.rewards import parse_reward_spec
@@ -78,29 +78,29 @@ def register(app: typer.Typer) -> None:
             seed=seed, batch_size=batch_size, method=method,
         )
         launched = launcher_world() if shard is None else None
-        run_out = out
         if launched is not None:
             # Under torchrun / accelerate launch: one shard per process, rank 0 merges into --out.
             shard_spec = launched[:2]
-            run_out = launched_shard_dir(out, shard_spec)
             if device.startswith("cuda") and ":" not in device:
                 device = f"cuda:{launched[2]}"
-        precheck_output(out, overwrite=overwrite, kind="sensitivity")
-        ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle,
-                               lora_alpha=lora_alpha)
-        if launched is None or launched[0] == 0:
-            print_notes(ckpt)
-        progress = _Progress(quiet or (launched is not None and launched[0] != 0), "sensitivity")
-        try:
-            run = run_sensitivity(ckpt, config, out_dir=run_out, shard=shard_spec, overwrite=overwrite, progress=progress)
-        finally:
-            progress.close()
-        if launched is not None:
-            from ngdiag.sensitivity.run import merge_sensitivity
+        inputs = run_inputs(checkpoint, base, prompts_file, reward)
+        with output_folders(out, launched, kind="sensitivity", inputs=inputs, overwrite=overwrite, config=config.to_dict(),
+                            shard_spec=shard_spec) as (folder, merge_target):
+            ckpt = load_checkpoint(checkpoint, base, device=_device(device), dtype=_dtype(dtype), allow_pickle=allow_pickle,
+                                   lora_alpha=lora_alpha)
+            if launched is None or launched[0] == 0:
+                print_notes(ckpt)
+            progress = _Progress(quiet or (launched is not None and launched[0] != 0), "sensitivity")
+            try:
+                run = run_sensitivity(ckpt, config, out_dir=folder, shard=shard_spec, overwrite=overwrite, progress=progress)
+            finally:
+                progress.close()
+            if launched is not None:
+                from ngdiag.sensitivity.run import merge_sensitivity
 
-            run = merge_launched(out, shard_spec, overwrite, merge_sensitivity)
-            if run is None:
-                return 0
+                run = merge_launched(merge_target, shard_spec, overwrite, merge_sensitivity)
+        if launched is not None and run is None:
+            return 0
         elif run is None:
             typer.echo(f"shard {shard_spec[0]}/{shard_spec[1]} done: {out}", err=True)
             return 0
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
     def merge_sensitivity_cmd(
         shards: Annotated[List[Path], typer.Argument(help="Output folders of the shards of one run.")],
         out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sensitivity-merged"),
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace ngdiag's output in an existing output folder (other files are kept).")] = False,
     ):
         """Join the shards of a sensitivity run (--shard i/n) into one result."""
         from ngdiag.sensitivity.run import merge_sensitivity

@@ -119,6 +119,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
         output_format: Annotated[str, typer.Option("--format", help="human or json (the table to stdout).")] = "human",
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report written by ngdiag compare.")] = False,
     ):
         """Compare two training runs: reward and inflation over training, and a few-step ablation.
 
@@ -126,11 +127,13 @@ def register(app: typer.Typer) -> None:
 
         Example: ngdiag compare runs/nft runs/nft-normguard --steps 28,10,4 --reward pickscore:/models/pickscore
         """
-        from ngdiag.train.compare import compare_runs
+        from ngdiag.train.compare import check_compare_output, compare_runs, load_run, run_inputs
 
         if output_format not in ("human", "json"):
             raise ConfigError(f"--format must be human or json, got {output_format!r}")
         step_list = _parse_steps(steps)
+        # the report path is checked before any model is loaded (the runs are only read here)
+        check_compare_output(out, run_inputs([load_run(run_a, "A"), load_run(run_b, "B")]), overwrite=overwrite)
         bar = None
         if not quiet:
             from tqdm import tqdm
@@ -153,7 +156,7 @@ def register(app: typer.Typer) -> None:
         finally:
             if bar is not None:
                 bar.close()
-        path = result.save_html(out)
+        path = result.save_html(out, overwrite=overwrite)
         table = result.table_wide()
         if output_format == "json":
             typer.echo(json.dumps(result.summary(), indent=2))

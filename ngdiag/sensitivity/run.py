@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ngdiag.durable import STATE_FILE, atomic_write, atomic_write_text, prepare_output, read_state, shard_batches
+from ngdiag.durable import STATE_FILE, RunFolder, load_shards, lock_output, shard_batches, use_output
 from ngdiag.errors import ConfigError
 from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
@@ -141,15 +141,22 @@ class SensitivityRun:
         }
 
     def save(self, out_dir, *, report: bool = True) -> dict:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write ``sensitivity.json``, ``records.parquet`` and ``report.html`` into a folder path or an
+        open :class:`~ngdiag.durable.RunFolder`; rendered first, ``sensitivity.json`` written last."""
+        if not isinstance(out_dir, RunFolder):
+            with lock_output(out_dir) as folder:
+                return self.save(folder, report=report)
         summary = self.summary()
-        atomic_write_text(out / "sensitivity.json", json.dumps(summary, indent=2))
-        atomic_write(out / "records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
+        frame = self.to_frame()
+        html = None
         if report:
-            from ngdiag.report.html import render_sensitivity_report, write_html
+            from ngdiag.report.html import render_sensitivity_report
 
-            write_html(render_sensitivity_report(summary, self.per_step(), self.to_frame()), out / "report.html")
+            html = render_sensitivity_report(summary, self.per_step(), frame)
+        out_dir.write("records.parquet", lambda p: frame.to_parquet(p, index=False))
+        if html is not None:
+            out_dir.write_text("report.html", html)
+        out_dir.write_text("sensitivity.json", json.dumps(summary, indent=2))
         return summary
 
 
@@ -171,21 +178,25 @@ def _run_batch(checkpoint: Checkpoint, config: SensitivityConfig, reward, b: int
     return {"ids": ids, "result": res}
 
 
-def _part_path(out: Path, b: int) -> Path:
-    return out / "parts" / f"sensitivity-b{b:05d}.npz"
+def _part_name(b: int) -> str:
+    return f"parts/sensitivity-b{b:05d}.npz"
 
 
-def _write_part(out: Path, b: int, part: dict) -> None:
-    path = _part_path(out, b)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_part(folder: RunFolder, b: int, part: dict) -> None:
     r = part["result"]
-    atomic_write(path, lambda p: np.savez(open(p, "wb"), ids=np.asarray(part["ids"]), S=r.S.numpy(), times=r.times.numpy(),
-                                          reward=r.reward.numpy()))
+    folder.write(_part_name(b), lambda p: np.savez(open(p, "wb"), ids=np.asarray(part["ids"]), S=r.S.numpy(), times=r.times.numpy(),
+                                                   reward=r.reward.numpy()))
 
 
 def _read_part(out: Path, b: int) -> dict:
-    with np.load(_part_path(out, b)) as data:
-        return {"ids": data["ids"], "S": data["S"], "times": data["times"], "reward": data["reward"]}
+    path = Path(out) / _part_name(b)
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run in {out} is incomplete; rerun it with the same arguments")
+    try:
+        with np.load(path) as data:
+            return {"ids": data["ids"], "S": data["S"], "times": data["times"], "reward": data["reward"]}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read {path} ({type(exc).__name__}); delete it and rerun to redo the batch") from None
 
 
 def _join(parts: list, config: SensitivityConfig, checkpoint: dict, method: str) -> SensitivityRun:
@@ -221,6 +232,7 @@ def run_sensitivity(
 
     if config.model == "ref":
         checkpoint.require_ref()
+    config.check_against(checkpoint)  # image size and the like: before anything is written
     reward = load_reward(config.reward, device=checkpoint.adapter.device)
     info = checkpoint.describe()
     batches = shard_batches(config.num_batches, shard)
@@ -233,49 +245,45 @@ def run_sensitivity(
             if progress:
                 progress(done, len(batches))
         return _join(parts, config, info, config.method)
-    out = Path(out_dir)
     fingerprint = config.fingerprint(info)
-    prepare_output(out, fingerprint, list(shard), overwrite=overwrite, kind=KIND)
     state = {"kind": KIND, "fingerprint": fingerprint, "shard": list(shard), "complete": False,
              "config": config.to_dict(), "checkpoint": info}
-    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
-    for done, b in enumerate(batches, 1):
-        if not _part_path(out, b).is_file():
-            _write_part(out, b, _run_batch(checkpoint, config, reward, b))
-        if progress:
-            progress(done, len(batches))
-    state["complete"] = True
-    if shard[1] > 1:
-        atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
-        return None
-    run = _join([_read_part(out, b) for b in batches], config, info, config.method)
-    run.save(out, report=report)
-    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2))
+    inputs = [("checkpoint", info.get("path")), ("base", info.get("base"))]
+    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite, config=config.to_dict(), shard=list(shard)) as folder:
+        folder.begin(state)
+        for done, b in enumerate(batches, 1):
+            if not folder.exists(_part_name(b)):
+                _write_part(folder, b, _run_batch(checkpoint, config, reward, b))
+            if progress:
+                progress(done, len(batches))
+        state["complete"] = True
+        if shard[1] > 1:
+            folder.write_text(STATE_FILE, json.dumps(state, indent=2))
+            return None
+        run = _join([_read_part(folder.path, b) for b in batches], config, info, config.method)
+        run.save(folder, report=report)
+        folder.write_text(STATE_FILE, json.dumps(state, indent=2))
     return run
 
 
 def merge_sensitivity(shard_dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> SensitivityRun:
-    """Join the shards of one sensitivity run into the result of a single run."""
-    states = []
-    for d in shard_dirs:
-        state = read_state(d)
-        if state is None or state.get("kind") != KIND:
-            raise ConfigError(f"{d} is not an ngdiag sensitivity folder")
-        if not state.get("complete"):
-            raise ConfigError(f"the run in {d} is not finished; rerun it with the same arguments to resume")
-        states.append((Path(d), state))
-    if len({s["fingerprint"] for _, s in states}) != 1:
-        raise ConfigError("these folders hold runs with different arguments; merge shards of one run only")
-    n = states[0][1]["shard"][1]
-    if sorted(s["shard"][0] for _, s in states) != list(range(n)):
-        raise ConfigError("incomplete or repeated shards; merge all of 0..n-1 exactly once")
+    """Join the shards of one sensitivity run into the result of a single run (the same files, byte for byte).
+
+    Every shard must be a finished sensitivity run of the same arguments and split; ``out_dir`` (a
+    path or an open :class:`~ngdiag.durable.RunFolder`) must not be, contain or lie inside a shard.
+    """
+    states, n = load_shards(shard_dirs, KIND)
     first = states[0][1]
-    config = SensitivityConfig(**first["config"])
-    parts = [_read_part(d, b) for d, s in states for b in shard_batches(config.num_batches, tuple(s["shard"]))]
-    run = _join(parts, config, first["checkpoint"], config.method)
-    out = Path(out_dir)
-    prepare_output(out, "merge-" + first["fingerprint"], [0, 1], overwrite=overwrite, kind=KIND)
-    run.save(out, report=report)
-    atomic_write_text(out / STATE_FILE, json.dumps({**first, "shard": [0, 1], "complete": True,
-                                                    "merged_from": [str(d) for d, _ in states]}, indent=2))
+    try:
+        config = SensitivityConfig(**first["config"])
+    except TypeError as exc:
+        raise ConfigError(f"{states[0][0] / STATE_FILE} is corrupt (its config does not fit this ngdiag: {exc})") from None
+    inputs = [("shard folder", d) for d, _ in states]
+    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite) as folder:
+        parts = [_read_part(d, b) for d, s in states for b in shard_batches(config.num_batches, (s["shard"][0], n))]
+        run = _join(parts, config, first["checkpoint"], config.method)
+        state = {**first, "shard": [0, 1], "complete": False, "merged_from": [str(d) for d, _ in states]}
+        folder.begin({**state, "fingerprint": "merge-" + first["fingerprint"]})
+        run.save(folder, report=report)
+        folder.write_text(STATE_FILE, json.dumps({**state, "complete": True}, indent=2))
     return run

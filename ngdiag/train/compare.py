@@ -31,7 +31,7 @@ from ngdiag.errors import ConfigError
 from ngdiag.train.config import TrainConfig
 from ngdiag.train.trainer import CONFIG_FILE, latest_checkpoint, read_metrics
 
-__all__ = ["RunInfo", "CompareResult", "compare_runs", "load_run", "HISTORY_COLUMNS"]
+__all__ = ["RunInfo", "CompareResult", "compare_runs", "load_run", "run_inputs", "check_compare_output", "HISTORY_COLUMNS"]
 
 HISTORY_COLUMNS = (
     "reward_mean", "reward_std", "norm_ratio_mean", "inflation", "penalty", "hinge_active_fraction", "loss",
@@ -222,15 +222,45 @@ class CompareResult:
 
         return render_compare_report(self.report_context())
 
-    def save_html(self, path) -> Path:
-        """Write the report to ``path`` (one self-contained HTML file); returns the path."""
+    def save_html(self, path, *, overwrite: bool = False) -> Path:
+        """Write the report to ``path`` (one self-contained HTML file); returns the path.
+
+        ``path`` must not be a symbolic link, a folder, or inside a run folder or the base; an
+        existing file is replaced only with ``overwrite`` and when it is an ngdiag compare report.
+        """
         from ngdiag.report.html import write_html
 
-        path = Path(path)
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        write_html(self.render_html(), path)
+        html = self.render_html()
+        path = check_compare_output(path, self.inputs(), overwrite=overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_html(html, path)
         return path
+
+    def inputs(self) -> list:
+        """``(label, path)`` of the folders the comparison reads (runs and base)."""
+        return run_inputs(self.runs)
+
+
+def run_inputs(runs: Sequence[RunInfo]) -> list:
+    """``(label, path)`` of what a comparison of ``runs`` reads: the run folders and their base."""
+    return [*((f"run {r.label}", r.path) for r in runs), *(("base", r.config.model.base) for r in runs)]
+
+
+def is_compare_report(path) -> bool:
+    """Whether ``path`` is a report ``ngdiag compare`` wrote (its generator tag and title)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return '<meta name="generator" content="ngdiag">' in head and "<title>ngdiag compare:" in head
+
+
+def check_compare_output(path, inputs, *, overwrite: bool = False) -> Path:
+    """Check the report path before anything is computed (see :meth:`CompareResult.save_html`)."""
+    from ngdiag.durable import check_output_file
+
+    return check_output_file(path, inputs=inputs, overwrite=overwrite, owned=is_compare_report, what="report file")
 
 
 def _records(frame: pd.DataFrame) -> list:

@@ -337,6 +337,7 @@ class Trainer:
         train_guidance = 1.0 if self.adapter.uses_cfg(g) else g  # FLUX.1 embeds guidance in cond
         self.train_sampling = dataclasses.replace(self.sampling, num_steps=1, guidance_scale=train_guidance)
         self.output_dir = Path(config.output_dir)
+        self.output_lock = None  # rank 0's lock on output_dir (a RunFolder), taken by train() or run()
 
     # ------------------------------------------------------------------ setup
     def _resolve_mixed_precision(self) -> Optional[torch.dtype]:
@@ -717,35 +718,7 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def _prepare_output(self) -> Optional[Path]:
         """Check the output folder; returns the checkpoint to resume from (or ``None``)."""
-        out = self.output_dir
-        saved = out / CONFIG_FILE
-        current = self.config.to_dict()
-        resume = None
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output_dir {out} exists and is not a folder")
-        if saved.is_file():
-            import yaml
-
-            try:
-                previous = yaml.safe_load(saved.read_text()) or {}
-            except yaml.YAMLError:
-                raise ConfigError(f"{saved} is not readable YAML; remove the folder or choose another output_dir") from None
-            diffs = config_diff(previous, current, skip=RESUMABLE_CHANGES)
-            if diffs:
-                more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-                raise ConfigError(
-                    f"output_dir {out} holds a run with a different config ({diffs[0]}{more}); "
-                    "rerun with the same config to resume, or choose another output_dir"
-                )
-            run = out / RUN_FILE
-            if run.is_file():
-                info = json.loads(run.read_text())
-                if info.get("prompts_sha256") not in (None, _prompts_hash(self.prompts)):
-                    raise ConfigError(f"the prompts changed since the run in {out} started; resume needs the same prompts")
-            resume = latest_checkpoint(out)
-        elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-            raise ConfigError(f"output_dir {out} is not empty and holds no ngdiag run ({CONFIG_FILE} missing)")
-        return resume
+        return check_output_dir(self.config, self.prompts)
 
     def _start_files(self, resumed: Optional[int]) -> None:
         out = self.output_dir
@@ -767,7 +740,21 @@ class Trainer:
         _write_text_atomic(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in keep))
 
     def run(self, progress: Optional[Callable[[int, int, Optional[dict]], None]] = None) -> TrainResult:
-        """Train until ``config.iterations`` (resuming from the output folder's last checkpoint)."""
+        """Train until ``config.iterations`` (resuming from the output folder's last checkpoint).
+
+        Rank 0 holds the output folder's lock for the whole run (:func:`train` takes it before the
+        model is loaded; a :class:`Trainer` used on its own takes it here).
+        """
+        with contextlib.ExitStack() as stack:
+            if self.output_lock is None and self.proc.is_main:
+                try:
+                    self.output_lock = stack.enter_context(lock_output_dir(self.config))
+                except ConfigError as exc:
+                    self.proc.broadcast_object(("error", str(exc)))
+                    raise
+            return self._run(progress)
+
+    def _run(self, progress) -> TrainResult:
         cfg = self.config
         status = None
         if self.proc.is_main:
@@ -873,6 +860,62 @@ def _repeat_cond(cond: dict, times: int, shared_keys=()) -> dict:
     return out
 
 
+def _train_inputs(config: TrainConfig) -> list:
+    inputs = [("model.base", config.model.base), ("rollouts.prompts_file", config.rollouts.prompts_file)]
+    if config.reward:
+        from ngdiag.sensitivity.rewards import parse_reward_spec
+
+        inputs.append(("reward weights", parse_reward_spec(config.reward)[1]))
+    return inputs
+
+
+def lock_output_dir(config: TrainConfig):
+    """Check ``output_dir`` (not a link or a file, writable, clear of the base, prompts file and reward
+    weights), create and lock it: the returned :class:`~ngdiag.durable.RunFolder` closes the lock."""
+    from ngdiag.durable import lock_output
+
+    return lock_output(config.output_dir, inputs=_train_inputs(config), what="output_dir")
+
+
+def check_output_dir(config: TrainConfig, prompts: Sequence[str]) -> Optional[Path]:
+    """What ``output_dir`` holds: nothing, or a run of this config (returns its newest checkpoint to
+    resume from, or ``None``). Anything else is a :class:`ConfigError`. Needs no model."""
+    out = Path(config.output_dir)
+    saved = out / CONFIG_FILE
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    if not saved.is_file():
+        if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+            raise ConfigError(f"output_dir {out} is not empty and holds no ngdiag run ({CONFIG_FILE} missing)")
+        return None
+    import yaml
+
+    try:
+        previous = yaml.safe_load(saved.read_bytes().decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        raise ConfigError(f"{saved} is not readable YAML; remove the folder or choose another output_dir") from None
+    if not isinstance(previous, dict):
+        raise ConfigError(f"{saved} is not a training config; remove the folder or choose another output_dir")
+    diffs = config_diff(previous, config.to_dict(), skip=RESUMABLE_CHANGES)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise ConfigError(
+            f"output_dir {out} holds a run with a different config ({diffs[0]}{more}); "
+            "rerun with the same config to resume, or choose another output_dir"
+        )
+    run = out / RUN_FILE
+    if run.is_file():
+        try:
+            info = json.loads(run.read_bytes().decode("utf-8"))
+        except (ValueError, OSError):
+            raise ConfigError(f"{run} is corrupt; remove the folder or choose another output_dir") from None
+        if not isinstance(info, dict):
+            raise ConfigError(f"{run} is corrupt; remove the folder or choose another output_dir")
+        if info.get("prompts_sha256") not in (None, _prompts_hash(prompts)):
+            raise ConfigError(f"the prompts changed since the run in {out} started; resume needs the same prompts")
+    return latest_checkpoint(out)
+
+
 def train(config: TrainConfig, *, progress: Optional[Callable[[int, int, Optional[dict]], None]] = None) -> TrainResult:
     """Run (or resume) a training run described by ``config``.
 
@@ -891,6 +934,20 @@ def train(config: TrainConfig, *, progress: Optional[Callable[[int, int, Optiona
         torch.cuda.set_device(device)
     processes = _Processes(device)
     try:
-        return Trainer(config, processes).run(progress)
+        with contextlib.ExitStack() as stack:
+            # The output folder is checked and locked (rank 0) before the model is loaded.
+            status, lock = ("ok", None), None
+            if processes.is_main:
+                try:
+                    lock = stack.enter_context(lock_output_dir(config))
+                    check_output_dir(config, config.rollouts.load_prompts())
+                except ConfigError as exc:
+                    status = ("error", str(exc))
+            status = processes.broadcast_object(status)
+            if status[0] == "error":
+                raise ConfigError(status[1])
+            trainer = Trainer(config, processes)
+            trainer.output_lock = lock
+            return trainer.run(progress)
     finally:
         processes.close()
