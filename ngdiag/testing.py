@@ -72,9 +72,23 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def tiny_qwen_tokenizer():
-    """A byte-level Qwen2 tokenizer with a character vocabulary and a chat template."""
-    from transformers import Qwen2Tokenizer
+#: The words of QwenImagePipeline's prompt template (``prompt_template_encode``) that Qwen2's BPE keeps
+#: whole: with them the template's system part is exactly ``prompt_template_encode_start_idx`` (34)
+#: tokens, as with the real tokenizer, so the pipeline's cut drops the template and keeps the prompt.
+QWEN_IMAGE_TEMPLATE_WORDS = (
+    "system", "user", "Describe", " the", " image", " by", " detailing", " color", " shape", " size", " texture",
+    " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background",
+)
+
+
+def tiny_qwen_tokenizer(words=()):
+    """A byte-level Qwen2 tokenizer with a character vocabulary and a chat template.
+
+    ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` are single special tokens, as in Qwen's
+    tokenizers. ``words`` are extra whole-word tokens (the real tokenizer's BPE merges them); the
+    Qwen-Image pipeline gets :data:`QWEN_IMAGE_TEMPLATE_WORDS`.
+    """
+    from transformers import AddedToken, Qwen2Tokenizer
 
     vocab = {}
     for ch in _byte_chars():
@@ -90,6 +104,9 @@ def tiny_qwen_tokenizer():
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    if words:
+        tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     tok.chat_template = _QWEN_CHAT_TEMPLATE
     return tok
 
@@ -308,7 +325,7 @@ def _build_tiny_pipeline(family: str, seed: int):
             base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
             latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
         )
-        tokenizer = tiny_qwen_tokenizer()
+        tokenizer = tiny_qwen_tokenizer(QWEN_IMAGE_TEMPLATE_WORDS)
         text_config = {
             "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": 300,
@@ -337,7 +354,7 @@ TINY_CALL_KWARGS = {
     "flux": {"height": 32, "width": 32, "max_sequence_length": 16},
     "flux-schnell": {"height": 32, "width": 32, "max_sequence_length": 16},
     "flux2-klein": {"height": 32, "width": 32, "max_sequence_length": 32, "text_encoder_out_layers": (1, 2)},
-    "qwenimage": {"height": 32, "width": 32, "max_sequence_length": 16},
+    "qwenimage": {"height": 32, "width": 32, "max_sequence_length": 32},
 }
 
 
