@@ -11,7 +11,10 @@ with guidance embedding), ``"flux-schnell"`` (FLUX.1 without guidance embedding)
 
 Planted checkpoints have an effect of known size: :func:`save_scaled_finetune` multiplies the
 transformer's final output projection by ``scale`` (bias zeroed), so ``v_theta = scale * v_ref``
-at every input and the inflation is exactly ``scale - 1``.
+at every input and the inflation is exactly ``scale - 1``. :func:`save_rotated_finetune` rotates
+every token's output channels by ``angle`` (optionally also scaled), so ``||v_theta|| = scale ||v_ref||``
+and ``cos(v_theta, v_ref) = cos(angle)`` at every input: a drift that is purely directional when
+``scale = 1``, with a radial share known in closed form otherwise.
 
 Example:
     >>> from ngdiag.testing import tiny_pipeline
@@ -23,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -397,6 +401,38 @@ def scale_output(transformer, scale: float) -> None:
         layer.weight.mul_(scale)
 
 
+def rotate_output(transformer, angle: float, scale: float = 1.0) -> None:
+    """Rotate (and scale) the output projection's channels by ``angle`` radians, bias zeroed (in place).
+
+    The output channels are paired ``(0, 1), (2, 3), ...`` and each pair is rotated by ``angle``:
+    the new weight is ``scale * Q W`` with ``Q`` orthogonal and block diagonal. Every token's output
+    vector ``o`` becomes ``scale * Q o``, so for every input (and every layout, guidance and
+    per-token rescale, since they act linearly or through per-token norms):
+
+    - ratio ``||v_theta|| / ||v_ref|| = scale``,
+    - cosine ``cos(v_theta, v_ref) = cos(angle)`` (``<Q o, o> = cos(angle) ||o||^2``),
+    - radial share ``(scale - 1)^2 / ((scale - 1)^2 + 2 scale (1 - cos(angle)))`` (CONVENTIONS drift identity).
+
+    Raises:
+        ConfigError: the projection has an odd number of output channels, or ``angle``/``scale`` are
+            not finite (``scale`` must be positive).
+    """
+    layer = _output_projection(transformer)
+    n = layer.out_features
+    if n % 2:
+        raise ConfigError(f"cannot rotate {n} output channels: the pairwise rotation needs an even number")
+    if not (math.isfinite(angle) and math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"angle must be finite and scale positive, got angle={angle}, scale={scale}")
+    c, s = math.cos(angle), math.sin(angle)
+    q = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(0, n, 2):
+        q[i, i], q[i, i + 1], q[i + 1, i], q[i + 1, i + 1] = c, -s, s, c
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.zero_()
+        layer.weight.copy_((scale * q @ layer.weight.double()).to(layer.weight.dtype))
+
+
 def zero_output_bias(transformer) -> None:
     """Zero the output projection's bias, so that a planted scale acts multiplicatively."""
     layer = _output_projection(transformer)
@@ -421,6 +457,20 @@ def save_scaled_finetune(base_path, out_path, scale: float) -> Path:
 
     pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
     scale_output(pipe.transformer, scale)
+    out_path = Path(out_path)
+    pipe.transformer.save_pretrained(out_path, safe_serialization=True)
+    return out_path
+
+
+def save_rotated_finetune(base_path, out_path, angle: float, *, scale: float = 1.0) -> Path:
+    """Save a full fine-tune (transformer folder) of ``base_path`` with :func:`rotate_output` applied.
+
+    ``scale = 1`` gives a norm-preserving fine-tune: ratio 1, radial share 0, cosine ``cos(angle)``.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
+    rotate_output(pipe.transformer, angle, scale)
     out_path = Path(out_path)
     pipe.transformer.save_pretrained(out_path, safe_serialization=True)
     return out_path

@@ -18,7 +18,9 @@ from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.probes.paired import PairedVelocity
 from ngdiag.sampling import sample
-from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_scaled_finetune
+import math
+
+from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_rotated_finetune, save_scaled_finetune
 from tests.helpers import run_cli
 
 PROMPTS = ["a red cube", "a cat on a hill", "a lighthouse at dusk"]
@@ -87,6 +89,34 @@ def test_lora_adapters_planted_and_zero(tiny_bases, tmp_path):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["inflation"]["value"] == pytest.approx(0.08, abs=0.002) and summary["verdict"] == "inflated"
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwenimage"])
+def test_rotated_finetunes_split_drift_as_planted(tiny_bases, tmp_path, family):
+    # A rotation of every token's output channels keeps the norm (ratio 1, radial share 0) and turns the
+    # direction by a known angle; with a scale on top the radial share follows from the CONVENTIONS
+    # identity ||a - b||^2 = (||a|| - ||b||)^2 + 2 ||a|| ||b|| (1 - cos), here with ||a|| = s ||b||.
+    angle = 0.3
+    for scale in (1.0, 1.08):
+        ckpt = save_rotated_finetune(tiny_bases[family], tmp_path / f"rot-{scale}", angle, scale=scale)
+        code, out, err = _audit_cli(ckpt, tiny_bases[family], tmp_path / f"out-{scale}")  # CFG 4.5 (true CFG for Qwen-Image)
+        assert code == 0, err
+        summary = json.loads(out)
+        records = pd.read_parquet(tmp_path / f"out-{scale}" / "records.parquet")
+        share = (scale - 1) ** 2 / ((scale - 1) ** 2 + 2 * scale * (1 - math.cos(angle)))
+        for call in ("guided", "cond"):
+            values = {m: records[(records["call"] == call) & (records["metric"] == m)]["value"].to_numpy()
+                      for m in ("ratio", "cos", "radial_share")}
+            assert len(values["ratio"]) == 6 * 3
+            np.testing.assert_allclose(values["ratio"], scale, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(values["cos"], math.cos(angle), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(values["radial_share"], share, rtol=0, atol=1e-6)
+        assert summary["inflation"]["value"] == pytest.approx(scale - 1, abs=1e-6)
+        for row in summary["per_step"]:
+            assert row["mean_ratio"] == pytest.approx(scale, abs=1e-6)
+            assert row["mean_cos"] == pytest.approx(math.cos(angle), abs=1e-6)
+            assert row["radial_share"] == pytest.approx(share, abs=1e-6)
+        assert summary["verdict"] == ("no-inflation" if scale == 1.0 else "inflated")
 
 
 def test_renorm_reproduces_reference_trajectory(planted, tiny_bases):
