@@ -1,6 +1,7 @@
 """The audit: planted effects of known size through the CLI, renorm, live probe, resume, shards, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,8 +19,6 @@ from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.probes.paired import PairedVelocity
 from ngdiag.sampling import sample
-import math
-
 from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_rotated_finetune, save_scaled_finetune
 from tests.helpers import run_cli
 
