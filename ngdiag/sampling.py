@@ -39,6 +39,7 @@ __all__ = [
     "VelocityModel",
     "VelocityEval",
     "GuidedVelocity",
+    "apply_guidance",
     "StepRecord",
     "SampleResult",
     "euler_step",
@@ -88,6 +89,26 @@ def _cat_cond(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
     return out
 
 
+GUIDANCE_RESCALES = (None, "token_norm")
+
+
+def apply_guidance(
+    v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float, rescale: Optional[str] = None
+) -> torch.Tensor:
+    """The guided velocity from the conditional and unconditional ones, as the pipelines compute it.
+
+    ``v_uncond + w * (v_cond - v_uncond)``; with ``rescale="token_norm"`` the result is then
+    rescaled per token to the conditional velocity's norm over the last (channel) axis, as
+    QwenImagePipeline does (``comb * ||cond||_-1 / ||comb||_-1``).
+    """
+    if rescale not in GUIDANCE_RESCALES:
+        raise ConfigError(f"unknown guidance rescale {rescale!r}; use None or 'token_norm'")
+    guided = v_uncond + guidance_scale * (v_cond - v_uncond)
+    if rescale == "token_norm":
+        guided = guided * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+    return guided
+
+
 class GuidedVelocity:
     """Classifier-free guidance around a velocity model.
 
@@ -115,7 +136,7 @@ class GuidedVelocity:
         batched: bool = False,
         rescale: Optional[str] = None,
     ):
-        if rescale not in (None, "token_norm"):
+        if rescale not in GUIDANCE_RESCALES:
             raise ConfigError(f"unknown guidance rescale {rescale!r}; use None or 'token_norm'")
         self.model = model
         self.cond = dict(cond or {})
@@ -138,9 +159,7 @@ class GuidedVelocity:
         else:
             v_cond = self.model(x, t, **self.cond)
             v_uncond = self.model(x, t, **self.uncond)
-        v_guided = v_uncond + self.guidance_scale * (v_cond - v_uncond)
-        if self.rescale == "token_norm":
-            v_guided = v_guided * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(v_guided, dim=-1, keepdim=True))
+        v_guided = apply_guidance(v_cond, v_uncond, self.guidance_scale, self.rescale)
         return VelocityEval(cond=v_cond, guided=v_guided, uncond=v_uncond)
 
 

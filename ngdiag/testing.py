@@ -11,7 +11,10 @@ with guidance embedding), ``"flux-schnell"`` (FLUX.1 without guidance embedding)
 
 Planted checkpoints have an effect of known size: :func:`save_scaled_finetune` multiplies the
 transformer's final output projection by ``scale`` (bias zeroed), so ``v_theta = scale * v_ref``
-at every input and the inflation is exactly ``scale - 1``.
+at every input and the inflation is exactly ``scale - 1``. :func:`save_rotated_finetune` rotates
+every token's output channels by ``angle`` (optionally also scaled), so ``||v_theta|| = scale ||v_ref||``
+and ``cos(v_theta, v_ref) = cos(angle)`` at every input: a drift that is purely directional when
+``scale = 1``, with a radial share known in closed form otherwise.
 
 Example:
     >>> from ngdiag.testing import tiny_pipeline
@@ -23,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -72,9 +76,23 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def tiny_qwen_tokenizer():
-    """A byte-level Qwen2 tokenizer with a character vocabulary and a chat template."""
-    from transformers import Qwen2Tokenizer
+#: The words of QwenImagePipeline's prompt template (``prompt_template_encode``) that Qwen2's BPE keeps
+#: whole: with them the template's system part is exactly ``prompt_template_encode_start_idx`` (34)
+#: tokens, as with the real tokenizer, so the pipeline's cut drops the template and keeps the prompt.
+QWEN_IMAGE_TEMPLATE_WORDS = (
+    "system", "user", "Describe", " the", " image", " by", " detailing", " color", " shape", " size", " texture",
+    " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background",
+)
+
+
+def tiny_qwen_tokenizer(words=()):
+    """A byte-level Qwen2 tokenizer with a character vocabulary and a chat template.
+
+    ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` are single special tokens, as in Qwen's
+    tokenizers. ``words`` are extra whole-word tokens (the real tokenizer's BPE merges them); the
+    Qwen-Image pipeline gets :data:`QWEN_IMAGE_TEMPLATE_WORDS`.
+    """
+    from transformers import AddedToken, Qwen2Tokenizer
 
     vocab = {}
     for ch in _byte_chars():
@@ -90,6 +108,9 @@ def tiny_qwen_tokenizer():
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    if words:
+        tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     tok.chat_template = _QWEN_CHAT_TEMPLATE
     return tok
 
@@ -308,7 +329,7 @@ def _build_tiny_pipeline(family: str, seed: int):
             base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
             latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
         )
-        tokenizer = tiny_qwen_tokenizer()
+        tokenizer = tiny_qwen_tokenizer(QWEN_IMAGE_TEMPLATE_WORDS)
         text_config = {
             "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": 300,
@@ -337,7 +358,7 @@ TINY_CALL_KWARGS = {
     "flux": {"height": 32, "width": 32, "max_sequence_length": 16},
     "flux-schnell": {"height": 32, "width": 32, "max_sequence_length": 16},
     "flux2-klein": {"height": 32, "width": 32, "max_sequence_length": 32, "text_encoder_out_layers": (1, 2)},
-    "qwenimage": {"height": 32, "width": 32, "max_sequence_length": 16},
+    "qwenimage": {"height": 32, "width": 32, "max_sequence_length": 32},
 }
 
 
@@ -380,6 +401,38 @@ def scale_output(transformer, scale: float) -> None:
         layer.weight.mul_(scale)
 
 
+def rotate_output(transformer, angle: float, scale: float = 1.0) -> None:
+    """Rotate (and scale) the output projection's channels by ``angle`` radians, bias zeroed (in place).
+
+    The output channels are paired ``(0, 1), (2, 3), ...`` and each pair is rotated by ``angle``:
+    the new weight is ``scale * Q W`` with ``Q`` orthogonal and block diagonal. Every token's output
+    vector ``o`` becomes ``scale * Q o``, so for every input (and every layout, guidance and
+    per-token rescale, since they act linearly or through per-token norms):
+
+    - ratio ``||v_theta|| / ||v_ref|| = scale``,
+    - cosine ``cos(v_theta, v_ref) = cos(angle)`` (``<Q o, o> = cos(angle) ||o||^2``),
+    - radial share ``(scale - 1)^2 / ((scale - 1)^2 + 2 scale (1 - cos(angle)))`` (CONVENTIONS drift identity).
+
+    Raises:
+        ConfigError: the projection has an odd number of output channels, or ``angle``/``scale`` are
+            not finite (``scale`` must be positive).
+    """
+    layer = _output_projection(transformer)
+    n = layer.out_features
+    if n % 2:
+        raise ConfigError(f"cannot rotate {n} output channels: the pairwise rotation needs an even number")
+    if not (math.isfinite(angle) and math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"angle must be finite and scale positive, got angle={angle}, scale={scale}")
+    c, s = math.cos(angle), math.sin(angle)
+    q = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(0, n, 2):
+        q[i, i], q[i, i + 1], q[i + 1, i], q[i + 1, i + 1] = c, -s, s, c
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.zero_()
+        layer.weight.copy_((scale * q @ layer.weight.double()).to(layer.weight.dtype))
+
+
 def zero_output_bias(transformer) -> None:
     """Zero the output projection's bias, so that a planted scale acts multiplicatively."""
     layer = _output_projection(transformer)
@@ -404,6 +457,20 @@ def save_scaled_finetune(base_path, out_path, scale: float) -> Path:
 
     pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
     scale_output(pipe.transformer, scale)
+    out_path = Path(out_path)
+    pipe.transformer.save_pretrained(out_path, safe_serialization=True)
+    return out_path
+
+
+def save_rotated_finetune(base_path, out_path, angle: float, *, scale: float = 1.0) -> Path:
+    """Save a full fine-tune (transformer folder) of ``base_path`` with :func:`rotate_output` applied.
+
+    ``scale = 1`` gives a norm-preserving fine-tune: ratio 1, radial share 0, cosine ``cos(angle)``.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
+    rotate_output(pipe.transformer, angle, scale)
     out_path = Path(out_path)
     pipe.transformer.save_pretrained(out_path, safe_serialization=True)
     return out_path

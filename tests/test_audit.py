@@ -1,6 +1,7 @@
 """The audit: planted effects of known size through the CLI, renorm, live probe, resume, shards, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.probes.paired import PairedVelocity
 from ngdiag.sampling import sample
-from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_scaled_finetune
+from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_rotated_finetune, save_scaled_finetune
 from tests.helpers import run_cli
 
 PROMPTS = ["a red cube", "a cat on a hill", "a lighthouse at dusk"]
@@ -34,6 +35,10 @@ def planted(tiny_bases, tmp_path_factory):
     return out
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).double().norm() / b.double().norm())
+
+
 def _audit_cli(ckpt, base, out, *extra):
     return run_cli("audit", ckpt, "--base", base, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2],
                    "--num-samples", 6, "--steps", 3, "--batch-size", 3, "--out", out, "--format", "json", "--quiet", *extra)
@@ -45,10 +50,10 @@ def test_planted_inflation_and_deflation_through_cli(planted, tiny_bases, tmp_pa
     assert code == 0, err
     summary = json.loads(out)
     assert summary["schema_version"] == 1 and summary["family"] == family
-    assert summary["inflation"]["value"] == pytest.approx(0.08, abs=0.002)
+    assert summary["inflation"]["value"] == pytest.approx(0.08, abs=1e-6)
     assert summary["verdict"] == "inflated"
     assert summary["num_samples"] == 6 and summary["num_steps"] == 3 and len(summary["per_step"]) == 3
-    assert all(row["mean_ratio"] == pytest.approx(1.08, abs=1e-4) for row in summary["per_step"])
+    assert all(row["mean_ratio"] == pytest.approx(1.08, abs=1e-6) for row in summary["per_step"])
     on_disk = json.loads((tmp_path / "up" / "summary.json").read_text())
     assert on_disk["inflation"] == summary["inflation"]
     records = pd.read_parquet(tmp_path / "up" / "records.parquet")
@@ -61,7 +66,7 @@ def test_planted_inflation_and_deflation_through_cli(planted, tiny_bases, tmp_pa
     code, out, err = _audit_cli(planted[(family, 0.95)], tiny_bases[family], tmp_path / "down")
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["inflation"]["value"] == pytest.approx(-0.05, abs=0.002)
+    assert summary["inflation"]["value"] == pytest.approx(-0.05, abs=1e-6)
     assert summary["verdict"] == "deflated"
 
 
@@ -70,6 +75,7 @@ def test_lora_adapters_planted_and_zero(tiny_bases, tmp_path):
     code, out, err = _audit_cli(zero, tiny_bases["sd3"], tmp_path / "zero-out")
     assert code == 0, err
     assert json.loads(out)["verdict"] == "no-inflation"
+    assert json.loads(out)["inflation"]["value"] == 0.0  # B = 0: theta is the reference, bit for bit
     # A LoRA on the output projection that scales it by exactly 1.08: B A = 0.08 W with alpha = r.
     from diffusers import DiffusionPipeline
     from peft import LoraConfig, get_peft_model
@@ -86,7 +92,35 @@ def test_lora_adapters_planted_and_zero(tiny_bases, tmp_path):
     code, out, err = _audit_cli(tmp_path / "lora108", tiny_bases["sd3"], tmp_path / "lora-out")
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["inflation"]["value"] == pytest.approx(0.08, abs=0.002) and summary["verdict"] == "inflated"
+    assert summary["inflation"]["value"] == pytest.approx(0.08, abs=1e-6) and summary["verdict"] == "inflated"
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwenimage"])
+def test_rotated_finetunes_split_drift_as_planted(tiny_bases, tmp_path, family):
+    # A rotation of every token's output channels keeps the norm (ratio 1, radial share 0) and turns the
+    # direction by a known angle; with a scale on top the radial share follows from the CONVENTIONS
+    # identity ||a - b||^2 = (||a|| - ||b||)^2 + 2 ||a|| ||b|| (1 - cos), here with ||a|| = s ||b||.
+    angle = 0.3
+    for scale in (1.0, 1.08):
+        ckpt = save_rotated_finetune(tiny_bases[family], tmp_path / f"rot-{scale}", angle, scale=scale)
+        code, out, err = _audit_cli(ckpt, tiny_bases[family], tmp_path / f"out-{scale}")  # CFG 4.5 (true CFG for Qwen-Image)
+        assert code == 0, err
+        summary = json.loads(out)
+        records = pd.read_parquet(tmp_path / f"out-{scale}" / "records.parquet")
+        share = (scale - 1) ** 2 / ((scale - 1) ** 2 + 2 * scale * (1 - math.cos(angle)))
+        for call in ("guided", "cond"):
+            values = {m: records[(records["call"] == call) & (records["metric"] == m)]["value"].to_numpy()
+                      for m in ("ratio", "cos", "radial_share")}
+            assert len(values["ratio"]) == 6 * 3
+            np.testing.assert_allclose(values["ratio"], scale, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(values["cos"], math.cos(angle), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(values["radial_share"], share, rtol=0, atol=1e-6)
+        assert summary["inflation"]["value"] == pytest.approx(scale - 1, abs=1e-6)
+        for row in summary["per_step"]:
+            assert row["mean_ratio"] == pytest.approx(scale, abs=1e-6)
+            assert row["mean_cos"] == pytest.approx(math.cos(angle), abs=1e-6)
+            assert row["radial_share"] == pytest.approx(share, abs=1e-6)
+        assert summary["verdict"] == ("no-inflation" if scale == 1.0 else "inflated")
 
 
 def test_renorm_reproduces_reference_trajectory(planted, tiny_bases):
@@ -97,8 +131,8 @@ def test_renorm_reproduces_reference_trajectory(planted, tiny_bases):
     rl = sample(theta, batch.x_init, batch.sigmas).x_final
     renormed = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1, 2], renorm="rl", record=False),
                       batch.x_init, batch.sigmas).x_final
-    assert (renormed - base).abs().max().item() <= 1e-5
-    assert (rl - base).abs().max().item() > 1e-3
+    assert _relative(renormed, base) <= 1e-6  # measured 3.5e-7: float32 rounding
+    assert _relative(rl, base) > 1e-3
 
 
 def test_audit_with_renorm_and_reward_reports_table(planted, tiny_bases):
@@ -113,8 +147,8 @@ def test_audit_with_renorm_and_reward_reports_table(planted, tiny_bases):
     per_sample = result.rewards.pivot_table(index="sample", columns="model", values="reward")
     assert block["delta_rl_minus_base_std"] == pytest.approx((per_sample["rl"] - per_sample["base"]).std(ddof=1))
     # Renormalising the 1.08 model gives back the base trajectory, hence the base reward.
-    assert rows["rl+renorm"]["mean"] == pytest.approx(rows["base"]["mean"], abs=1e-5)
-    assert result.renorm["rl_renorm_relative_distance_to_base_mean"] < 1e-5
+    assert rows["rl+renorm"]["mean"] == pytest.approx(rows["base"]["mean"], abs=1e-6)
+    assert result.renorm["rl_renorm_relative_distance_to_base_mean"] < 1e-6
     assert result.renorm["rl_relative_distance_to_base_mean"] > 1e-3
     assert set(result.images) == {"base", "rl", "rl+renorm"} and result.images["rl"].shape[0] == 2
 
@@ -134,8 +168,8 @@ def test_live_pipeline_probe_equals_audit(tiny_bases, tmp_path, family):
     assert torch.equal(plain, probed)  # read-only probe: bit-identical output
     live = rec.record()
     np.testing.assert_array_equal(live.times, audit.times)
-    for name in ("norm_theta", "norm_ref", "cos"):
-        torch.testing.assert_close(getattr(live, name), getattr(audit, name), rtol=1e-6, atol=1e-7)
+    for name in ("norm_theta", "norm_ref", "cos", "directional"):  # the same numbers, not close ones
+        torch.testing.assert_close(getattr(live, name), getattr(audit, name), rtol=0, atol=0)
     # The hooks are gone after the block.
     assert "step" not in pipe.scheduler.__dict__ and not pipe.transformer._forward_hooks
 
@@ -148,8 +182,8 @@ def test_live_probe_renorm_changes_output(planted, tiny_bases):
         out = pipe(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
     base_pipe = load_checkpoint(tiny_bases["sd3"]).pipeline
     base = base_pipe(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
-    assert (out - base).abs().max().item() <= 1e-5
-    torch.testing.assert_close(rec.record().ratio, torch.full_like(rec.record().ratio, 1.08), rtol=1e-5, atol=1e-5)
+    assert _relative(out, base) <= 1e-6
+    torch.testing.assert_close(rec.record().ratio, torch.full_like(rec.record().ratio, 1.08), rtol=1e-6, atol=0)
 
 
 def test_shards_merge_to_the_single_run(planted, tiny_bases, tmp_path):
@@ -255,8 +289,9 @@ def test_fused_lora_pair_matches_two_passes(tiny_bases, tmp_path):
     base_cfg = dict(prompts=PROMPTS, sampling=SamplingConfig(num_steps=3, guidance_scale=4.0), batch_size=3)
     separate = run_audit(ckpt, AuditConfig(**base_cfg, fuse_lora=False)).record
     fused = run_audit(ckpt, AuditConfig(**base_cfg, fuse_lora=True)).record
-    torch.testing.assert_close(fused.ratio, separate.ratio, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused.cos, separate.cos, rtol=1e-5, atol=1e-6)
+    # One batched matmul instead of two: float32 rounding only (measured 2.4e-7 on the ratio, 0 on the cosine).
+    torch.testing.assert_close(fused.ratio, separate.ratio, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.cos, separate.cos, rtol=0, atol=1e-6)
 
 
 def test_torchrun_two_processes_equal_single_run(planted, tiny_bases, tmp_path):

@@ -116,7 +116,7 @@ def _tiny_sd1(path):
     te = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=20, num_attention_heads=2, num_hidden_layers=1,
                                       vocab_size=600, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tiny_clip_tokenizer(), unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
     return path

@@ -112,3 +112,155 @@ def test_shape_mismatch_is_config_error():
         rl_renorm(torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ConfigError, match="same shape"):
         cfg_renorm(torch.ones(2, 3), torch.ones(3, 3))
+
+
+# ============================================================================ through the sampler and the live probe
+# Known answers on tiny pipelines (CFG 4, three steps): a planted 1.08 fine-tune and a random LoRA (whose
+# theta/ref ratios differ between the conditional and the unconditional call, so that renormalizing the
+# calls before guidance and renormalizing the guided velocity give different trajectories).
+CFG_FAMILIES = ["sd3", "flux2-klein", "qwenimage"]
+PROMPTS = ["a red cube", "a cat on a hill at dusk"]
+#: A relative difference the tests tell from rounding (below 1e-6 here). Measured minima (FLUX.2-klein, whose
+#: tiny text encoder moves the velocity least): 4.8e-3 between the two RL targets, 1.0e-3 between ||v_cfg||
+#: and ||v_cond||, 1.0e-2 between theta's and the reference's ||v_cond||, 2.5e-3 for the effect of CFG
+#: renorm on the live output (9.8e-3 for RL renorm).
+APART = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_bases, tmp_path_factory):
+    from ngdiag.models.loading import load_checkpoint
+    from ngdiag.testing import save_lora_adapter, save_scaled_finetune
+
+    root = tmp_path_factory.mktemp("renorm")
+
+    def load(kind, family):
+        path = root / f"{kind}-{family}"
+        if not path.exists():
+            if kind == "scaled":
+                save_scaled_finetune(tiny_bases[family], path, 1.08)
+            else:
+                save_lora_adapter(tiny_bases[family], path, rank=4, alpha=8.0, init_scale=0.5)
+        return load_checkpoint(path, tiny_bases[family])
+
+    return load
+
+
+def _batch(ckpt):
+    from ngdiag.generation import SamplingConfig, prepare_batch
+
+    batch = prepare_batch(ckpt, PROMPTS, [0, 1], SamplingConfig(num_steps=3, guidance_scale=4.0))
+    return batch, batch.conditioning.guided(ckpt.theta), batch.conditioning.guided(ckpt.require_ref())
+
+
+def _norm(v):
+    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1).double(), dim=1)
+
+
+def _per_sample(v, factor):
+    return v * factor.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+
+
+def _pipeline_guidance(cond, uncond, w, family):
+    """The pipelines' own guidance: CFG, and for Qwen-Image the per-token rescale to the conditional norm."""
+    guided = uncond + w * (cond - uncond)
+    if family == "qwenimage":
+        guided = guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+    return guided
+
+
+def _relative(a, b):
+    return float((a - b).double().norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("family", CFG_FAMILIES)
+def test_rl_renorm_on_cond_of_a_planted_scale_is_the_reference_trajectory(checkpoints, family):
+    # v_theta = 1.08 v_ref in each call: renormalizing cond and uncond to the reference gives back the
+    # reference's own calls, hence (after the pipeline's guidance) the reference's guided trajectory.
+    from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.sampling import sample
+
+    batch, theta, ref = _batch(checkpoints("scaled", family))
+    base = sample(ref, batch.x_init, batch.sigmas).x_final
+    rl = sample(theta, batch.x_init, batch.sigmas).x_final
+    renormed = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm="rl", renorm_on="cond", record=False),
+                      batch.x_init, batch.sigmas).x_final
+    assert _relative(renormed, base) <= 1e-6  # measured 2.8e-7 to 4.0e-7 (float32 rounding)
+    assert _relative(rl, base) > 1e-3
+
+
+@pytest.mark.parametrize("family", CFG_FAMILIES)
+def test_rl_renorm_on_cond_renormalizes_each_call_before_guidance(checkpoints, family):
+    from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.sampling import euler_step, sample
+
+    batch, theta, ref = _batch(checkpoints("lora", family))
+    steps = []
+    paired = PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm="rl", renorm_on="cond", record=False)
+    sample(paired, batch.x_init, batch.sigmas, callback=steps.append)
+    assert len(steps) == 3
+    for rec in steps:
+        ev, ev_ref = rec.velocity, rec.velocity.extras["ref"]
+        cond = _per_sample(ev.cond, _norm(ev_ref.cond) / _norm(ev.cond))  # eq. 3 on each call
+        uncond = _per_sample(ev.uncond, _norm(ev_ref.uncond) / _norm(ev.uncond))
+        expected = _pipeline_guidance(cond, uncond, 4.0, family)
+        assert _relative(ev.applied, expected) <= 2e-6  # measured up to 4.8e-7 (float32 rounding)
+        on_guided = _per_sample(ev.guided, _norm(ev_ref.guided) / _norm(ev.guided))
+        assert _relative(expected, on_guided) > APART  # the two targets differ here: the test can tell them apart
+        torch.testing.assert_close(rec.x_next, euler_step(rec.x, ev.applied, batch.sigmas[rec.step],
+                                                          batch.sigmas[rec.step + 1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", CFG_FAMILIES)
+def test_cfg_renorm_sets_the_conditional_norm_each_step(checkpoints, family):
+    # Paper eq. 2: v' = v_cfg ||v_cond|| / ||v_cfg||, with theta's own conditional output (not the reference's).
+    from ngdiag.probes.paired import PairedVelocity, RenormVelocity
+    from ngdiag.sampling import sample
+
+    batch, theta, ref = _batch(checkpoints("lora", family))
+    paired, alone = [], []
+    sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm="cfg", record=False), batch.x_init, batch.sigmas,
+           callback=paired.append)
+    sample(RenormVelocity(theta), batch.x_init, batch.sigmas, callback=alone.append)
+    assert len(paired) == len(alone) == 3
+    for rec, rec_alone in zip(paired, alone):
+        ev, ev_ref = rec.velocity, rec.velocity.extras["ref"]
+        assert torch.equal(rec_alone.velocity.applied, ev.applied)  # with or without the reference: one answer
+        torch.testing.assert_close(_norm(ev.applied), _norm(ev.cond), rtol=1e-6, atol=0)
+        torch.testing.assert_close(_cos(ev.applied, ev.guided), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+        if family == "qwenimage":  # the pipeline's per-token rescale already gives v_cfg the norm of v_cond
+            torch.testing.assert_close(_norm(ev.guided), _norm(ev.cond), rtol=1e-6, atol=0)
+        else:  # guidance changed the norm, so eq. 2 acts
+            assert (_norm(ev.guided) / _norm(ev.cond) - 1).abs().min() > APART
+        assert (_norm(ev_ref.cond) / _norm(ev.cond) - 1).abs().min() > APART  # the reference's norm is another target
+
+
+@pytest.mark.parametrize("renorm", ["rl", "cfg"])
+@pytest.mark.parametrize("family", CFG_FAMILIES)
+def test_live_probe_renorm_equals_the_sampler(checkpoints, family, renorm):
+    import ngdiag
+    from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.sampling import sample
+    from ngdiag.testing import TINY_CALL_KWARGS
+
+    ckpt = checkpoints("lora", family)
+    batch, theta, ref = _batch(ckpt)
+    ours = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm=renorm, record=False), batch.x_init,
+                  batch.sigmas).x_final
+    ours = ckpt.adapter.output_latents(ours, 32, 32)
+    pipe = ckpt.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    guidance = dict(true_cfg_scale=4.0, negative_prompt=" ") if family == "qwenimage" else dict(guidance_scale=4.0)
+    call = dict(prompt=PROMPTS, num_inference_steps=3, output_type="latent", **guidance, **TINY_CALL_KWARGS[family])
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(2)]
+
+    plain = pipe(generator=gens(), **call).images
+    with ngdiag.probe(pipe, renorm=renorm):
+        live = pipe(generator=gens(), **call).images
+    assert torch.equal(live, ours)  # the same float operations in the same order: bit-identical
+    if family == "qwenimage" and renorm == "cfg":  # a no-op after the pipeline's per-token rescale
+        assert _relative(live, plain) < 1e-6
+    else:
+        assert _relative(live, plain) > APART  # the renormalization acted

@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from bs4 import BeautifulSoup
 
 from ngdiag.errors import ConfigError
@@ -300,7 +301,6 @@ def test_image_rows_in_model_order():
 
 
 def test_image_grid_layout_and_tensor_input():
-    torch = pytest.importorskip("torch")
     _, _, _, images, _ = make_inputs()
     images["rl"] = torch.from_numpy(images["rl"]).float()
     fig = F.image_grid(images, max_images=2, column_labels=["seed 100", "seed 101"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from ngdiag.errors import CheckpointError, ConfigError
@@ -32,8 +33,6 @@ from ngdiag.sensitivity.rewards import (
     SaturationReward,
     load_reward,
 )
-
-transformers = pytest.importorskip("transformers")
 
 # Pixel-space tolerances against the PIL pipelines, in units of 1/255 (see docs/rewards.md).
 # Both sides use the same antialiased bicubic kernel (a = -0.5); PIL rounds its 8-bit output

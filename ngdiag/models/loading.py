@@ -386,7 +386,7 @@ def load_pipeline(path, *, device="cpu", dtype=torch.float32, allow_pickle=False
     try:
         with _quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                folder, torch_dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=True
+                folder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=True
             )
     except CheckpointError:
         raise
@@ -437,7 +437,7 @@ def _load_transformer(folder: Path, *, device, dtype, allow_pickle):
         raise CheckpointError(f"{folder} has no diffusion_pytorch_model*.safetensors weights")
     try:
         with _quiet_loading():
-            model = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=True)
+            model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot load transformer {folder}: {_reason(exc)}") from None
     return model.to(device).eval().requires_grad_(False)

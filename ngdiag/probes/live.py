@@ -30,6 +30,7 @@ from ngdiag.models.loading import adapters_disabled
 from ngdiag.probes.metrics import compare_velocities
 from ngdiag.probes.records import CALLS, NormRecord, StepRecorder
 from ngdiag.probes.renorm import cfg_renorm, rl_renorm
+from ngdiag.sampling import apply_guidance
 
 __all__ = ["probe", "LiveProbe"]
 
@@ -40,13 +41,6 @@ def _first_tensor(output):
     if isinstance(output, (tuple, list)):
         return output[0]
     return output.sample
-
-
-def _guide(cond, unc, w, rescale):
-    guided = unc + w * (cond - unc)
-    if rescale == "token_norm":
-        guided = guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
-    return guided
 
 
 class LiveProbe:
@@ -100,10 +94,10 @@ class LiveProbe:
         else:
             raise ConfigError(f"the probe cannot interpret {len(calls)} transformer calls in one scheduler step")
         w, rescale = self._solve_guidance(t_cond, t_unc, guided_theta)
-        return t_cond, guided_theta, r_cond, _guide(r_cond, r_unc, w, rescale)
+        return t_cond, guided_theta, r_cond, apply_guidance(r_cond, r_unc, w, rescale)
 
     def _solve_guidance(self, cond, unc, guided):
-        """``(w, rescale)`` with ``guided == _guide(cond, unc, w, rescale)``, or ConfigError.
+        """``(w, rescale)`` with ``guided == apply_guidance(cond, unc, w, rescale)``, or ConfigError.
 
         Tries plain CFG (``w`` by least squares) and CFG followed by the per-token rescale to the
         conditional norm (QwenImagePipeline; ``w`` by a bounded 1-D search).
@@ -113,7 +107,7 @@ class LiveProbe:
         g = guided.double()
 
         def error(w, rescale):
-            rebuilt = _guide(cond.double(), unc.double(), w, rescale)
+            rebuilt = apply_guidance(cond.double(), unc.double(), w, rescale)
             return float((rebuilt - g).norm() / g.norm().clamp_min(1e-30))
 
         diff = (cond - unc).double()

@@ -9,7 +9,7 @@ with:
 - ``trajectory="ref"``: the reference's guided velocity (the base model's own trajectory);
 - ``renorm="rl"``: theta rescaled to the reference norm (paper eq. 3), on the guided velocity
   by default or on the conditional and unconditional outputs before guidance
-  (``renorm_on="cond"``);
+  (``renorm_on="cond"``, then the pipeline's own guidance, Qwen-Image's per-token rescale included);
 - ``renorm="cfg"``: theta's guided velocity rescaled to the norm of its conditional output
   (paper eq. 2, the CFG-renormalization trick).
 """
@@ -24,7 +24,7 @@ from ngdiag.errors import ConfigError, NumericalError
 from ngdiag.probes.metrics import compare_velocities
 from ngdiag.probes.records import CALLS, StepRecorder
 from ngdiag.probes.renorm import cfg_renorm, rl_renorm
-from ngdiag.sampling import GuidedVelocity, VelocityEval
+from ngdiag.sampling import GuidedVelocity, VelocityEval, apply_guidance
 
 __all__ = ["PairedVelocity", "check_velocity_finite", "RenormVelocity"]
 
@@ -40,12 +40,13 @@ def check_velocity_finite(v: torch.Tensor, *, who: str, step: int, t: float, sam
         raise NumericalError(f"{who}'s velocity is not finite at step {step} (t={t:.4f}) for samples {ids}")
 
 
-def _renorm_cond_then_guide(theta: VelocityEval, ref: VelocityEval, scale: float, step: int) -> torch.Tensor:
+def _renorm_cond_then_guide(theta: VelocityEval, ref: VelocityEval, guided: GuidedVelocity, step: int) -> torch.Tensor:
+    """Eq. 3 on the conditional and the unconditional call, then the pipeline's own guidance (rescale included)."""
     cond = rl_renorm(theta.cond, ref.cond, step=step)
     if theta.uncond is None:
         return cond
     uncond = rl_renorm(theta.uncond, ref.uncond, step=step)
-    return uncond + scale * (cond - uncond)
+    return apply_guidance(cond, uncond, guided.guidance_scale, guided.rescale)
 
 
 class PairedVelocity:
@@ -116,7 +117,7 @@ class PairedVelocity:
             applied = (
                 rl_renorm(ev_theta.guided, ev_ref.guided, step=k)
                 if self.renorm_on == "guided"
-                else _renorm_cond_then_guide(ev_theta, ev_ref, self.theta.guidance_scale, k)
+                else _renorm_cond_then_guide(ev_theta, ev_ref, self.theta, k)
             )
         elif self.renorm == "cfg":
             applied = cfg_renorm(ev_theta.guided, ev_theta.cond, step=k)
