@@ -50,10 +50,16 @@ def test_machine_path_pattern():
 
 
 def _story(path: Path) -> list:
-    """The training story's command lines, without the comment marker and trailing comments."""
+    """The training story's command lines (in the bash blocks of a Markdown file, in the comments of
+    the YAML config), without the comment marker and trailing comments."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".md":
+        candidates = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    else:
+        candidates = [line.lstrip().lstrip("#") for line in text.splitlines() if line.lstrip().startswith("#")]
     lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip().lstrip("#").strip()
+    for line in candidates:
+        line = line.strip()
         if STORY_LINE.search(line):
             lines.append(re.sub(r"\s{2,}#.*$", "", line).strip())
     return lines
