@@ -223,6 +223,39 @@ def test_reward_and_renorm_tables_only_when_given(audit_html, bare_html):
         assert bare.select_one(selector) is None, selector
 
 
+def test_reward_caption_names_only_the_models_in_the_table():
+    summary, per_step, per_sample, _, _ = make_inputs(renorm=False, images=False)
+    with_renorm = soup_of(H.render_audit_report(summary, per_step, per_sample))
+    caption = with_renorm.select_one("#reward p.table-caption").get_text()
+    assert caption.startswith("Reward of the base model, the RL model and the RL model with renormalization")
+
+    # an audit without --renorm: its reward has no rl+renorm row, and the caption must not claim one
+    summary["reward"]["rows"] = summary["reward"]["rows"][:2]
+    summary["reward"].pop("delta_renorm_minus_rl")
+    soup = soup_of(H.render_audit_report(summary, per_step, per_sample))
+    caption = soup.select_one("#reward p.table-caption").get_text()
+    assert "renormalization" not in caption.replace("without renormalization", ""), caption
+    assert caption.startswith("Reward of the base model and the RL model"), caption
+    assert [tr.td.get_text() for tr in soup.select("#reward tr.reward-row")] == ["base", "rl"]
+
+
+@pytest.mark.parametrize("rl,renormed,expected", [
+    (0.31, 0.12, "Renormalization brought the final latents within a mean relative distance of 0.12 of the base "
+                 "model's (RL alone: 0.31), removing 61.3 % of the RL model's distance."),
+    (0.041370211904900395, 2.387775637860003e-07,
+     "Renormalization brought the final latents within a mean relative distance of 2.388e-07 of the base "
+     "model's (RL alone: 0.04137), removing more than 99.9 % of the RL model's distance."),
+    (0.2, 0.25, "Renormalization moved the final latents further from the base model's: mean relative distance "
+                "0.25 against 0.2 for the RL model alone."),
+])
+def test_renorm_section_concludes_from_its_numbers(rl, renormed, expected):
+    summary, per_step, per_sample, _, _ = make_inputs(reward=False, images=False)
+    summary["renorm"]["rl_relative_distance_to_base_mean"] = rl
+    summary["renorm"]["rl_renorm_relative_distance_to_base_mean"] = renormed
+    soup = soup_of(H.render_audit_report(summary, per_step, per_sample))
+    assert [p.get_text() for p in soup.select("#renorm p.conclusion")] == [expected]
+
+
 def test_per_step_table_uses_guided_rows(audit_html):
     _, per_step, _, _, _ = make_inputs(images=False)
     guided = per_step[per_step["call"] == "guided"]
@@ -327,6 +360,34 @@ def test_sensitivity_figures():
     assert len(spread.collections) == 4 and spread.get_xticklabels()[0].get_text() == "0\n1.00"
 
 
+def _labelled_y_ticks(ax) -> dict:
+    """Position -> label text of the y tick labels a reader sees (inside the limits, not empty)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(ax.figure).draw()
+    lo, hi = ax.get_ylim()
+    labels = {}
+    for tick in ax.get_yticklabels() + ax.get_yticklabels(minor=True):
+        y = tick.get_position()[1]
+        if tick.get_text() and lo * (1 - 1e-9) <= y <= hi * (1 + 1e-9):
+            labels[y] = tick.get_text()
+    return labels
+
+
+@pytest.mark.parametrize("nsr", [[0.05, 0.3, 5.0, 2.0], [0.3, 2.0, 8.0, 0.5], [0.5, 3.0, 30.0, 120.0],
+                                 [0.32, 0.4, 0.56, 0.35], [1.5, 2.0, 3.0, 4.0]])
+def test_nsr_axis_is_labelled_with_plain_numbers_across_the_data(nsr):
+    frame = pd.DataFrame({"step": range(4), "t": [1.0, 0.75, 0.5, 0.25], "mean": [0.5, -0.2, 0.1, 1.0],
+                          "stderr": [0.05, 0.2, 0.15, 0.1], "nsr": nsr})
+    ax_n = F.sensitivity_curves(frame).axes[1]
+    labels = _labelled_y_ticks(ax_n)
+    for y, text in labels.items():
+        assert float(text) == pytest.approx(y, rel=1e-12), (y, text)  # "1", "10", "0.2": no mathtext
+    assert labels.get(1.0) == "1"
+    assert max(labels) >= max(nsr) and min(labels) <= min(nsr), (nsr, sorted(labels))
+    assert len(labels) >= 3, labels
+
+
 # ----------------------------------------------------------------------------- other reports
 def test_sensitivity_report():
     per_step = pd.DataFrame({"step": range(3), "t": [1.0, 0.6, 0.3], "t_next": [0.6, 0.3, 0.0], "mean": [0.5, -0.2, 1.0],
@@ -371,6 +432,29 @@ def test_compare_report():
     assert colours == [F.RUN_COLORS[0].upper(), F.RUN_COLORS[1].upper()]
     with pytest.raises(ConfigError):
         H.render_compare_report({"runs": []})
+
+
+def test_compare_report_concludes_which_run_inflated_more():
+    runs = [{"name": "A: plain (nft, lam=0)", "metrics": pd.DataFrame({"iteration": [0, 1], "reward_mean": [1.0, 2.0]})},
+            {"name": "B: <guarded> (nft, lam=1)", "metrics": pd.DataFrame({"iteration": [0, 1], "reward_mean": [1.0, 1.5]})}]
+    inflation = [
+        # 8 steps: B below A, separated intervals (B listed first: the order must not matter)
+        {"name": runs[1]["name"], "steps": 8, "value": 0.0123, "ci_low": 0.004, "ci_high": 0.0201, "confidence": 0.95},
+        {"name": runs[0]["name"], "steps": 8, "value": 0.1234, "ci_low": 0.101, "ci_high": 0.145, "confidence": 0.95},
+        # 4 steps: B above A, overlapping intervals
+        {"name": runs[0]["name"], "steps": 4, "value": 0.05, "ci_low": 0.02, "ci_high": 0.08, "confidence": 0.95},
+        {"name": runs[1]["name"], "steps": 4, "value": 0.061, "ci_low": 0.03, "ci_high": 0.09, "confidence": 0.95},
+    ]
+    soup = soup_of(H.render_compare_report({"runs": runs, "inflation": inflation}))
+    assert [p.get_text() for p in soup.select("#conclusion p.conclusion")] == [
+        "At 8 sampling steps, A: plain (nft, lam=0) inflated more than B: <guarded> (nft, lam=1), by 11.1 percentage "
+        "points: +12.3 % [10.1 %, 14.5 %] against +1.2 % [0.4 %, 2.0 %] (95 % intervals); the intervals do not overlap.",
+        "At 4 sampling steps, B: <guarded> (nft, lam=1) inflated more than A: plain (nft, lam=0), by 1.1 percentage "
+        "points: +6.1 % [3.0 %, 9.0 %] against +5.0 % [2.0 %, 8.0 %] (95 % intervals); the intervals overlap, so "
+        "these samples do not separate the two runs.",
+    ]
+    assert soup.select_one('nav a[href="#conclusion"]') is not None and soup.find("guarded") is None
+    assert soup_of(H.render_compare_report({"runs": runs})).select_one("#conclusion") is None  # no numbers, no claim
 
 
 # ----------------------------------------------------------------------------- atomic writes

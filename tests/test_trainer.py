@@ -212,6 +212,17 @@ def test_compare_report_of_two_runs(induced, tmp_path):
     for text in ("Training curves", "Summary table", "free (fm, lam=0)", "held (fm, lam=10)", "CI low %"):
         assert text in html, text
     assert "http://" not in html and "https://" not in html
+    from bs4 import BeautifulSoup
+
+    conclusion = [p.get_text() for p in BeautifulSoup(html, "html.parser").select("#conclusion p.conclusion")]
+    assert conclusion == [
+        f"At {k} sampling steps, A: free (fm, lam=0) inflated more than B: held (fm, lam=10), by "
+        f"{table[('A', k)]['inflation_pct'] - table[('B', k)]['inflation_pct']:.1f} percentage points: "
+        f"{table[('A', k)]['inflation_pct']:+.1f} % [{table[('A', k)]['ci_low_pct']:.1f} %, {table[('A', k)]['ci_high_pct']:.1f} %] "
+        f"against {table[('B', k)]['inflation_pct']:+.1f} % [{table[('B', k)]['ci_low_pct']:.1f} %, "
+        f"{table[('B', k)]['ci_high_pct']:.1f} %] (95 % intervals); the intervals do not overlap."
+        for k in (3, 1)
+    ], conclusion
     code, _, err = run_cli("compare", free.output_dir, tmp_path, "--quiet")
     assert code == 2 and "is not an ngdiag training run" in err
 

@@ -35,7 +35,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ngdiag.errors import ConfigError
 
@@ -132,6 +132,31 @@ def _call_note(per_step: pd.DataFrame, call: str) -> str:
         return ""
     used = select_call(per_step, call)["call"].iloc[0]
     return f" ({used} velocity)"
+
+
+def _plain_number(value, _pos=None) -> str:
+    """A tick label as a plain number: ``1``, ``10``, ``0.2``, ``1e+06`` (``%g``), never mathtext."""
+    return f"{value:g}"
+
+
+def _log_axis(ax, values: np.ndarray) -> None:
+    """A log y axis over whole decades that cover ``values``, labelled with plain numbers.
+
+    The decades at both ends are major ticks, so the axis always has a label at or above the
+    largest value and at or below the smallest (matplotlib's default leaves a range such as
+    0.05 to 5 with no label above 1). Over at most three decades the 2 and 5 of each decade are
+    labelled too.
+    """
+    logs = np.log10(np.asarray(values, dtype=float))
+    lo, hi = int(np.floor(logs.min())), int(np.ceil(logs.max()))
+    if hi == lo:
+        lo, hi = lo - 1, hi + 1
+    ax.set_yscale("log")
+    ax.set_ylim(10.0 ** lo, 10.0 ** hi)
+    ax.yaxis.set_major_locator(LogLocator(base=10))
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_plain_number) if hi - lo <= 3 else NullFormatter())
 
 
 # ----------------------------------------------------------------------------- audit figures
@@ -354,7 +379,7 @@ def image_grid(images: Mapping[str, object], max_images: int = 8, *,
 # ----------------------------------------------------------------------------- sensitivity figures
 def sensitivity_curves(frame: pd.DataFrame, *, color: str = THETA_COLOR) -> Figure:
     """Mean sensitivity ``S(t)`` with a ±standard-error band and a zero line (top), ``NSR`` on a log
-    axis (bottom), against ``t`` (paper Figure 4).
+    axis over whole decades with plain-number labels (bottom), against ``t`` (paper Figure 4).
 
     Args:
         frame: one row per step: ``t, mean, stderr, nsr`` (``SensitivityResult.summary_frame()``).
@@ -376,8 +401,8 @@ def sensitivity_curves(frame: pd.DataFrame, *, color: str = THETA_COLOR) -> Figu
         ax_s.legend(loc="best", frameon=False)
         ok = np.isfinite(nsr) & (nsr > 0)
         if ok.any():
-            ax_n.plot(t[ok], nsr[ok], color=color, marker="o", markersize=3, linewidth=1.6)
-            ax_n.set_yscale("log")
+            ax_n.plot(t[ok], nsr[ok], color=color, marker="o", markersize=3, linewidth=1.6, clip_on=False)
+            _log_axis(ax_n, np.append(nsr[ok], 1.0))
         else:
             ax_n.text(0.5, 0.5, "NSR undefined (one sample, or zero means)", transform=ax_n.transAxes,
                       ha="center", va="center")

@@ -53,6 +53,8 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 DEFAULT_DPI = 110
 _MODEL_ORDER = ("base", "rl", "rl+renorm")  # image grid rows: these first, in this order
 _MAX_SAMPLE_ROWS = 40  # per-sample table: all rows up to this, else the top and bottom halves
+_MODEL_DESCRIPTIONS = {"base": "the base model", "rl": "the RL model",
+                       "rl+renorm": "the RL model with renormalization"}
 
 _VERDICT_TEXT = {
     "inflated": "The whole {conf} interval lies above +{tol}: the fine-tuned model's velocity norm is larger "
@@ -245,7 +247,45 @@ def _reward_table(reward: Mapping) -> dict:
             else:
                 se = stderr_of_difference(a, b)
             deltas.append({"label": label, "value": _num(reward.get(key)), "se": se})
-    return {"name": reward.get("name"), "rows": table_rows, "deltas": deltas}
+    models = [str(r.get("model")) for r in rows]
+    described = [_MODEL_DESCRIPTIONS.get(m, f"the {m} model") for m in models]
+    caption = "Reward of " + _join_words(described)
+    if "base" in models and "rl" in models:
+        caption += " (paper Table 1 row" + ("" if "rl+renorm" in models else ", without renormalization") + ")"
+    return {"name": reward.get("name"), "rows": table_rows, "deltas": deltas,
+            "caption": caption + ", mean ± standard deviation over samples"}
+
+
+def _join_words(items: Sequence[str]) -> str:
+    """``["a"] -> "a"``, ``["a", "b"] -> "a and b"``, ``["a", "b", "c"] -> "a, b and c"``."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _share_text(share: float) -> str:
+    """A share in ``(0, 1]`` as a percentage that never rounds a partial share up to 100 %."""
+    if share >= 1.0:
+        return "100 %"
+    if share > 0.999:
+        return "more than 99.9 %"
+    return format_percent(share)
+
+
+def _renorm_conclusion(renorm: Mapping) -> Optional[str]:
+    """One sentence from the mean relative distances of the final latents to the base model's:
+    how close renormalization brought theta's final latents, against theta alone."""
+    rl = _finite(renorm.get("rl_relative_distance_to_base_mean"))
+    rn = _finite(renorm.get("rl_renorm_relative_distance_to_base_mean"))
+    if rl is None or rn is None:
+        return None
+    if rn < rl:
+        return (f"Renormalization brought the final latents within a mean relative distance of {_num(rn)} of the "
+                f"base model's (RL alone: {_num(rl)}), removing {_share_text(1 - rn / rl)} of the RL model's distance.")
+    if rn == rl:
+        return (f"Renormalization left the final latents as far from the base model's as the RL model alone "
+                f"(mean relative distance {_num(rn)}).")
+    return (f"Renormalization moved the final latents further from the base model's: mean relative distance "
+            f"{_num(rn)} against {_num(rl)} for the RL model alone.")
 
 
 def _renorm_block(renorm: Mapping) -> dict:
@@ -263,7 +303,7 @@ def _renorm_block(renorm: Mapping) -> dict:
     for key, value in renorm.items():
         if key not in used:
             facts.append((key, _cell(value)))
-    return {"rows": rows, "facts": facts}
+    return {"rows": rows, "facts": facts, "conclusion": _renorm_conclusion(renorm)}
 
 
 def _per_sample_block(per_sample: pd.DataFrame) -> dict:
@@ -423,6 +463,46 @@ def render_sensitivity_report(summary: Mapping, per_step: pd.DataFrame, long: pd
 
 
 # ----------------------------------------------------------------------------- comparison of runs
+def _compare_conclusion(inflation: Sequence[Mapping]) -> list:
+    """One sentence per step count at which exactly two runs have an inflation: which run inflated
+    more, by how many percentage points, both intervals, and whether the intervals overlap.
+
+    ``inflation``: ``[{"name", "steps", "value", "ci_low", "ci_high"}]`` with fractions, and
+    optionally ``"confidence"``.
+    """
+    by_steps: dict = {}
+    for row in inflation:
+        if _finite(row.get("value")) is not None:
+            by_steps.setdefault(row.get("steps"), []).append(row)
+    sentences = []
+    for steps, rows in by_steps.items():
+        if len(rows) != 2:
+            continue
+        hi, lo = sorted(rows, key=lambda r: float(r["value"]), reverse=True)
+
+        def interval(r):
+            return (f"{format_percent(r['value'], sign=True)} [{format_percent(r.get('ci_low'))}, "
+                    f"{format_percent(r.get('ci_high'))}]")
+
+        at = f"At {_num(steps)} sampling steps, " if steps is not None else ""
+        conf = _finite(rows[0].get("confidence"))
+        level = f" ({_plain_percent(conf)} % intervals)" if conf is not None else ""
+        diff = float(hi["value"]) - float(lo["value"])
+        if diff == 0:
+            sentences.append(f"{at}{hi['name']} and {lo['name']} inflated equally: {interval(hi)} and {interval(lo)}{level}.")
+            continue
+        bounds = [_finite(r.get(k)) for r in (hi, lo) for k in ("ci_low", "ci_high")]
+        if None in bounds:
+            overlap = "."
+        elif bounds[0] > bounds[3]:
+            overlap = "; the intervals do not overlap."
+        else:
+            overlap = "; the intervals overlap, so these samples do not separate the two runs."
+        sentences.append(f"{at}{hi['name']} inflated more than {lo['name']}, by {diff * 100:.1f} percentage points: "
+                         f"{interval(hi)} against {interval(lo)}{level}{overlap}")
+    return sentences
+
+
 def render_compare_report(context: Mapping) -> str:
     """A comparison of training runs (e.g. without and with NormGuard).
 
@@ -435,6 +515,9 @@ def render_compare_report(context: Mapping) -> str:
               step count, the paper's Table 3); columns in order of first appearance;
             - ``ratio_curves``: name -> per-step frame (as for the audit) of each final checkpoint;
             - ``images``: label -> ``(N, 3, H, W)`` in ``[0, 1]``, one grid row per label;
+            - ``inflation``: ``[{"name", "steps", "value", "ci_low", "ci_high"}]`` (fractions,
+              optionally ``confidence``): the final inflation of each run at each step count, from
+              which the report's conclusion is written (which run inflated more, by how much);
             - ``title``, ``notes`` (list of str), ``config`` (dict), ``versions`` (dict).
     """
     if not isinstance(context, Mapping):
@@ -464,6 +547,7 @@ def render_compare_report(context: Mapping) -> str:
         figures=figures,
         table=table,
         notes=[str(n) for n in (context.get("notes") or [])],
+        conclusion=_compare_conclusion(list(context.get("inflation") or [])),
         config_rows=_flatten(context.get("config") or {}),
         versions=[(k, _cell(v)) for k, v in (context.get("versions") or {}).items()],
     )

@@ -123,6 +123,7 @@ class CompareResult:
     prompts: list = field(default_factory=list)
     num_samples: int = 0
     seed: int = 0
+    confidence: float = 0.95
 
     def summary(self) -> dict:
         """A JSON-safe summary: runs, settings and the table."""
@@ -160,7 +161,8 @@ class CompareResult:
         count (reward with its spread, inflation with its interval and verdict; :meth:`table_wide` has
         the same numbers in the paper's Table 3 layout); ``ratio_curves``: per-step ratio curves
         of the final checkpoints at the first step count; ``images``: one grid row per model and
-        step count; ``title``, ``notes``, ``config`` (the compare settings and the config keys in
+        step count; ``inflation``: the runs' final inflation per step count (fractions with their
+        interval), from which the report writes its conclusion; ``title``, ``notes``, ``config`` (the compare settings and the config keys in
         which the runs differ) and ``versions``.
         """
         from ngdiag.audit import versions
@@ -190,6 +192,11 @@ class CompareResult:
             }
             for rec in sorted(_records(self.table), key=lambda r: (-int(r["steps"]), r["model"] != "base", str(r["model"])))
         ]
+        inflation = [
+            {"name": names[rec["model"]], "steps": rec["steps"], "value": rec["inflation_pct"] / 100,
+             "ci_low": rec["ci_low_pct"] / 100, "ci_high": rec["ci_high_pct"] / 100, "confidence": self.confidence}
+            for rec in _records(self.table) if rec["model"] != "base" and rec.get("inflation_pct") is not None
+        ]
         diffs = config_diff(self.runs[0].config.to_dict(), self.runs[1].config.to_dict(), skip=("output_dir",))
         notes = [
             f"Reward {self.reward}; {self.num_samples} samples per model and step count, prompt i mod "
@@ -205,6 +212,7 @@ class CompareResult:
             "title": f"ngdiag compare: {self.runs[0].name} vs {self.runs[1].name}",
             "runs": [{"name": r.display, "metrics": r.metrics} for r in self.runs],
             "table": table,
+            "inflation": inflation,
             "ratio_curves": curves,
             "images": images,
             "notes": notes,
@@ -398,5 +406,5 @@ def compare_runs(
     return CompareResult(
         runs=runs, steps=steps, reward=spec, history=_history(runs), per_step=pd.concat(per_step, ignore_index=True),
         rewards=pd.concat(rewards, ignore_index=True), table=table, images=images, prompts=prompts,
-        num_samples=int(num_samples), seed=int(seed),
+        num_samples=int(num_samples), seed=int(seed), confidence=float(audit.confidence),
     )
