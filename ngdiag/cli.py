@@ -198,6 +198,21 @@ def _library_verbosity_error() -> None:
             log.disable_progress_bar()
 
 
+def _quiet_third_party() -> None:
+    """Silence the progress bars, log lines and warnings of diffusers, transformers and peft for good.
+
+    For scripts that build models before calling :func:`main` (``python -m ngdiag.demo``); it
+    imports diffusers. :func:`main` itself keeps them off stderr only while it runs.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging  # noqa: F401
+    import transformers.utils.logging  # noqa: F401
+
+    _library_verbosity_error()
+    for name in _THIRD_PARTY:
+        warnings.filterwarnings("ignore", module=name)
+
+
 def _interrupted() -> int:
     typer.echo("error: interrupted", err=True)
     return 130

@@ -226,7 +226,10 @@ def sampling_settings_from_file(path) -> dict:
             raise ConfigError(f"{path}: train.resolution must be an integer or [height, width], got {resolution!r}")
     else:
         raise ConfigError(f"{path} is neither an ngdiag training config (sampling:) nor a Flow-Factory one (train:)")
-    SamplingConfig(**out)  # the values must be valid sampling settings
+    try:
+        SamplingConfig(**out)  # the values must be valid sampling settings
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return out
 
 
@@ -312,14 +315,14 @@ class SampleSet:
     def resolved(self, checkpoint: Checkpoint):
         """A copy whose sampling settings are the effective ones for ``checkpoint`` (:meth:`SamplingConfig.resolved`).
 
-        Also checks that one batch fits in memory: ``batch_size x height x width`` at most
+        Also checks that one batch fits in memory: ``min(batch_size, num_samples) x height x width`` at most
         :data:`MAX_BATCH_PIXELS`. Runs record the resolved settings, so call this before running.
         """
         sampling = self.sampling.resolved(checkpoint)
-        pixels = int(self.batch_size) * sampling.height * sampling.width
-        if pixels > MAX_BATCH_PIXELS:
+        batch = min(int(self.batch_size), int(self.num_samples))
+        if batch * sampling.height * sampling.width > MAX_BATCH_PIXELS:
             raise ConfigError(
-                f"a batch of {self.batch_size} images of {sampling.height}x{sampling.width} would exhaust memory "
+                f"a batch of {batch} images of {sampling.height}x{sampling.width} would exhaust memory "
                 f"(more than {MAX_BATCH_PIXELS // 2**20} megapixels per batch); lower the batch size or the image size"
             )
         return replace(self, sampling=sampling)

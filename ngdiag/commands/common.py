@@ -262,17 +262,20 @@ class Progress:
                             dynamic_ncols=True, leave=True)
 
     def advance(self, n: int = 1) -> None:
+        """``n`` more units done; the bar closes when it is full, so that its time is the work's."""
         if self.bar is not None and n:
             self.bar.update(n)
+            if self.bar.total is not None and self.bar.n >= self.bar.total:
+                self.close()
 
     def advance_to(self, done: int) -> None:
         """Advance to ``done`` units finished (a count that only grows)."""
         if self.bar is not None and done > self.bar.n:
-            self.bar.update(done - self.bar.n)
+            self.advance(done - self.bar.n)
 
     def set_postfix(self, values: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(values, refresh=True)
+            self.bar.set_postfix(values, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -45,7 +45,6 @@ class _TrainProgress:
                              f"({done} of {total} iterations done)"], self.quiet)
             self.bar = Progress("train", "it", total, done=done, enabled=not self.quiet)
             return
-        self.bar.advance_to(done)
         if row is not None:
             post = {"reward": f"{row['reward_mean']:.4f}"}
             if row.get("norm_ratio_mean") is not None:
@@ -53,6 +52,7 @@ class _TrainProgress:
             if row.get("penalty"):
                 post["penalty"] = f"{row['penalty']:.3g}"
             self.bar.set_postfix(post)
+        self.bar.advance_to(done)
 
     def close(self) -> None:
         if self.bar is not None:
