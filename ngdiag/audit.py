@@ -311,7 +311,7 @@ def _check_finite(values: torch.Tensor, what: str, sample_ids: Sequence[int], hi
         raise NumericalError(f"{what} are not finite (NaN or inf) for samples {sample_list(mask)} {hint}".rstrip())
 
 
-def _part_names(b: int) -> dict:
+def part_names(b: int) -> dict:
     return {
         "records": f"parts/records-b{b:05d}.parquet",
         "extras": f"parts/extras-b{b:05d}.json",
@@ -320,7 +320,7 @@ def _part_names(b: int) -> dict:
 
 
 def _write_part(folder: RunFolder, b: int, result: dict) -> None:
-    names = _part_names(b)
+    names = part_names(b)
     if result["images"]:
         folder.write(names["images"], lambda p: np.savez_compressed(open(p, "wb"), ids=np.asarray(result["grid_ids"]), **{
             k.replace("+", "_plus_"): v for k, v in result["images"].items()}))
@@ -334,7 +334,7 @@ def _read_parts(out: Path, batches: Sequence[int]) -> dict:
     """The parts of ``batches`` in ``out``; images as ``[(sample ids, {model: array})]``."""
     records, rewards, distances, images = [], [], [], []
     for b in batches:
-        paths = {k: Path(out) / v for k, v in _part_names(b).items()}
+        paths = {k: Path(out) / v for k, v in part_names(b).items()}
         if not paths["records"].is_file():
             raise ConfigError(f"{paths['records']} is missing: the run in {out} is incomplete; rerun it with the same arguments")
         try:
@@ -463,7 +463,7 @@ def run_audit(
         folder.begin(state)
         runner = _BatchRunner(checkpoint, config, reward)
         for done, b in enumerate(batches, 1):
-            if not folder.exists(_part_names(b)["records"]):
+            if not folder.exists(part_names(b)["records"]):
                 _write_part(folder, b, runner.run(b))
             if progress:
                 progress(done, len(batches))

@@ -6,38 +6,53 @@ Progress goes to stderr (rank 0 only under torchrun / accelerate launch), result
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
+from ngdiag.commands.common import (
+    FORMATS,
+    Device,
+    Progress,
+    check_choice,
+    check_device,
+    finite_float,
+    print_notes,
+    resolve_device,
+)
 from ngdiag.errors import ConfigError
+from ngdiag.sensitivity.specs import reward_kinds_help
 
 
 class _TrainProgress:
-    """A tqdm bar over iterations with the latest reward and norm ratio."""
+    """The trainer's ``progress(done, total, row)``: a bar over iterations with the latest reward and norm ratio.
 
-    def __init__(self, quiet: bool):
+    The trainer calls it once at the start (``row`` ``None``; ``done`` > 0 for a resumed run,
+    which is said on stderr) and after every iteration.
+    """
+
+    def __init__(self, quiet: bool, output_dir: str):
         self.quiet = quiet
-        self.bar = None
+        self.output_dir = output_dir
+        self.bar: Optional[Progress] = None
 
     def __call__(self, done: int, total: int, row: Optional[dict]) -> None:
-        if self.quiet:
-            return
         if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True)
+            if done > 0:
+                print_notes([f"train: resuming the run in {self.output_dir} from checkpoint-{done} "
+                             f"({done} of {total} iterations done)"], self.quiet)
+            self.bar = Progress("train", "it", total, done=done, enabled=not self.quiet)
             return
-        self.bar.update(done - self.bar.n)
         if row is not None:
             post = {"reward": f"{row['reward_mean']:.4f}"}
             if row.get("norm_ratio_mean") is not None:
                 post["ratio"] = f"{row['norm_ratio_mean']:.3f}"
             if row.get("penalty"):
                 post["penalty"] = f"{row['penalty']:.3g}"
-            self.bar.set_postfix(post, refresh=True)
+            self.bar.set_postfix(post)
+        self.bar.advance_to(done)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -45,12 +60,14 @@ class _TrainProgress:
 
 
 def _parse_steps(text: str) -> list:
+    from ngdiag.generation import MAX_STEPS
+
     try:
         steps = [int(s) for s in str(text).replace(" ", "").split(",") if s]
     except ValueError:
         raise ConfigError(f"--steps must be comma-separated integers, e.g. 28,10,4; got {text!r}") from None
-    if not steps or any(s < 1 for s in steps):
-        raise ConfigError(f"--steps needs at least one step count >= 1, got {text!r}")
+    if not steps or any(not 1 <= s <= MAX_STEPS for s in steps):
+        raise ConfigError(f"--steps needs step counts in [1, {MAX_STEPS}], got {text!r}")
     return steps
 
 
@@ -61,27 +78,24 @@ def register(app: typer.Typer) -> None:
         set_: Annotated[
             Optional[List[str]], typer.Option("--set", help="Override a config key: --set normguard.lam=0.5 (repeatable).")
         ] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no notes on stderr (errors only).")] = False,
         output_format: Annotated[str, typer.Option("--format", help="human or json (final summary to stdout).")] = "human",
     ):
         """Train a LoRA with NFT, AWM, DPO or flow matching, with the NormGuard penalty.
 
-        Rerunning the same command resumes from the last checkpoint in output_dir. For several processes or GPUs, launch the same command with torchrun (docs/training.md).
+        Rerunning the same command resumes from the last checkpoint in output_dir (and says so). For several processes or GPUs, launch the same command with torchrun (docs/training.md).
 
         Example: ngdiag train examples/train_nft_tiny.yaml --set normguard.lam=0.5 --set output_dir=runs/ng
 
         Example: torchrun --standalone --nproc_per_node 2 -m ngdiag.cli train config.yaml
         """
+        check_choice("--format", output_format, FORMATS)
         from ngdiag.train.config import load_config
         from ngdiag.train.trainer import train as run_training
 
-        if output_format not in ("human", "json"):
-            raise ConfigError(f"--format must be human or json, got {output_format!r}")
         cfg = load_config(config, set_ or [])
-        import os
-
         rank = int(os.environ.get("RANK", "0"))
-        progress = _TrainProgress(quiet or rank != 0)
+        progress = _TrainProgress(quiet or rank != 0, cfg.output_dir)
         try:
             result = run_training(cfg, progress=progress)
         finally:
@@ -110,15 +124,16 @@ def register(app: typer.Typer) -> None:
         run_a: Annotated[Path, typer.Argument(help="First training run folder (e.g. without NormGuard).")],
         run_b: Annotated[Path, typer.Argument(help="Second training run folder (e.g. with NormGuard).")],
         steps: Annotated[str, typer.Option(help="Sampling step counts of the few-step ablation, comma-separated.")] = "28,10,4",
-        reward: Annotated[Optional[str], typer.Option(help="Reward spec (default: the runs' training reward).")] = None,
+        reward: Annotated[Optional[str], typer.Option(help=f"Reward spec [default: the runs' training reward]: {reward_kinds_help()}.")] = None,
         num_samples: Annotated[int, typer.Option(help="Samples per model and step count.")] = 8,
-        guidance_scale: Annotated[Optional[float], typer.Option(help="CFG scale (default: the runs' sampling guidance).")] = None,
-        seed: Annotated[int, typer.Option(help="Sample i uses seed + i.")] = 0,
+        guidance_scale: Annotated[Optional[float], typer.Option(
+            parser=finite_float, help="CFG scale [default: run A's training guidance].")] = None,
+        seed: Annotated[int, typer.Option(help="Sample i uses seed + i (0 <= seed, seed + samples - 1 < 2**63).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
         out: Annotated[Path, typer.Option(help="Output HTML report.")] = Path("compare.html"),
-        device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+        device: Device = "auto",
         output_format: Annotated[str, typer.Option("--format", help="human or json (the table to stdout).")] = "human",
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no notes on stderr (errors only).")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report written by ngdiag compare.")] = False,
     ):
         """Compare two training runs: reward and inflation over training, and a few-step ablation.
@@ -127,41 +142,40 @@ def register(app: typer.Typer) -> None:
 
         Example: ngdiag compare runs/nft runs/nft-normguard --steps 28,10,4 --reward pickscore:/models/pickscore
         """
+        from ngdiag.generation import SampleSet, SamplingConfig
+
+        check_choice("--format", output_format, FORMATS)
+        check_device(device)
+        step_list = _parse_steps(steps)
+        if guidance_scale is not None:
+            SamplingConfig(guidance_scale=guidance_scale)
+        SampleSet(prompts=["-"], num_samples=num_samples, seed=seed, batch_size=batch_size)
+        if reward is not None:
+            from ngdiag.sensitivity.specs import parse_reward_spec
+
+            parse_reward_spec(reward)
         from ngdiag.train.compare import check_compare_output, compare_runs, load_run, run_inputs
 
-        if output_format not in ("human", "json"):
-            raise ConfigError(f"--format must be human or json, got {output_format!r}")
-        step_list = _parse_steps(steps)
+        first = load_run(run_a, "A")
         # the report path is checked before any model is loaded (the runs are only read here)
-        check_compare_output(out, run_inputs([load_run(run_a, "A"), load_run(run_b, "B")]), overwrite=overwrite)
-        bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            bar = tqdm(desc="compare", unit="audit", file=sys.stderr)
-
-        def progress(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-        try:
-            from ngdiag.cli import _device
-
+        check_compare_output(out, run_inputs([first, load_run(run_b, "B")]), overwrite=overwrite)
+        guidance = first.config.sampling.guidance if guidance_scale is None else guidance_scale
+        where = "command line (--guidance-scale)" if guidance_scale is not None else f"{first.path / 'config.yaml'}"
+        notes = [f"compare: {', '.join(map(str, step_list))} steps, guidance {guidance:g} (guidance: {where}), "
+                 f"{num_samples} samples per model and step count"]
+        resolved_device = resolve_device(device)
+        print_notes(notes, quiet)
+        with Progress("compare", "audit", 2 * len(step_list), enabled=not quiet) as bar:
             result = compare_runs(
                 run_a, run_b, steps=step_list, reward=reward, num_samples=num_samples, guidance_scale=guidance_scale,
-                seed=seed, batch_size=batch_size, device=_device(device), progress=progress,
+                seed=seed, batch_size=batch_size, device=resolved_device, progress=lambda done, total: bar.advance_to(done),
             )
-        finally:
-            if bar is not None:
-                bar.close()
         path = result.save_html(out, overwrite=overwrite)
         table = result.table_wide()
         if output_format == "json":
             typer.echo(json.dumps(result.summary(), indent=2))
         else:
             typer.echo(table.to_string(index=False))
-            if not quiet:
-                typer.echo(f"report: {path}", err=True)
+        if not quiet:
+            typer.echo(f"report: {path}", err=True)
         return 0

@@ -211,8 +211,30 @@ class FamilyAdapter:
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0
 
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE factor times the 2 x 2 latent packing."""
+        return int(self.pipe.vae_scale_factor) * 2
+
     def check_size(self, height: int, width: int) -> None:
-        """Raise :class:`ConfigError` for an image size the pipeline refuses (FLUX pipelines round down)."""
+        """Raise :class:`ConfigError` for an image size the pipeline would refuse or silently round down."""
+        multiple = self.size_multiple()
+        if height % multiple or width % multiple:
+            family = SUPPORTED_FAMILIES.get(self.name, self.name)
+            raise ConfigError(
+                f"height and width must be multiples of {multiple} for this {family} pipeline, got {height}x{width} "
+                f"(e.g. {max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)})"
+            )
+
+    #: the longest ``max_sequence_length`` the pipeline accepts (its ``check_inputs``)
+    max_sequence_length_limit: Optional[int] = 512
+
+    def check_call_kwargs(self, **call_kwargs) -> None:
+        """Raise :class:`ConfigError` for call arguments of :meth:`encode` that do not fit this pipeline."""
+        length = call_kwargs.get("max_sequence_length")
+        limit = self.max_sequence_length_limit
+        if length is not None and limit is not None and int(length) > limit:
+            family = SUPPORTED_FAMILIES.get(self.name, self.name)
+            raise ConfigError(f"max_sequence_length must be at most {limit} for {family} pipelines, got {length}")
 
     # ----- schedule -----
     def _mu(self, image_seq_len: int, num_steps: int) -> Optional[float]:
@@ -267,10 +289,8 @@ class SD3Adapter(FamilyAdapter):
     name = "sd3"
     cfg_batched = True
 
-    def check_size(self, height, width):
-        multiple = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
-        if height % multiple or width % multiple:
-            raise ConfigError(f"height and width must be multiples of {multiple} for this SD3 pipeline, got {height}x{width}")
+    def size_multiple(self):
+        return int(self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size)
 
     def default_size(self):
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
@@ -368,6 +388,23 @@ class Flux2KleinAdapter(FamilyAdapter):
         compute_empirical_mu = _module_function(self.pipe, "compute_empirical_mu")
         return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
 
+    max_sequence_length_limit = None
+
+    def check_call_kwargs(self, **call_kwargs):
+        super().check_call_kwargs(**call_kwargs)
+        layers = call_kwargs.get("text_encoder_out_layers")
+        if layers is None:
+            return
+        n = int(self.pipe.text_encoder.config.num_hidden_layers)
+        bad = [k for k in layers if not -(n + 1) <= int(k) <= n]
+        if bad:
+            example = ",".join(str(k) for k in sorted({max(1, n // 3), max(1, 2 * n // 3), n}))
+            raise ConfigError(
+                f"text_encoder_out_layers {tuple(layers)} does not fit this FLUX.2-klein pipeline: its text encoder has "
+                f"{n} layers, so the hidden-state indices lie in [{-(n + 1)}, {n}]; pass --text-encoder-out-layers "
+                f"(text_encoder_out_layers=...), e.g. {example}"
+            )
+
     def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, text_encoder_out_layers=(9, 18, 27), **_):
         pipe = self.pipe
         kw = dict(device=self.device, max_sequence_length=max_sequence_length, text_encoder_out_layers=tuple(text_encoder_out_layers))
@@ -421,6 +458,7 @@ class QwenImageAdapter(FamilyAdapter):
 
     name = "qwenimage"
     linear_sigmas = True
+    max_sequence_length_limit = 1024
 
     def uses_cfg(self, guidance_scale):
         return guidance_scale > 1.0 and not self.pipe.transformer.config.guidance_embeds

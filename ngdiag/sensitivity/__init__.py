@@ -1,10 +1,23 @@
 """Reward-adjoint sensitivity of a flow-matching sampler to its velocity's magnitude (paper eq. 4-5).
 
 :func:`norm_sensitivity` returns a :class:`SensitivityResult` with ``S[k, i] = a_{k+1} . d_k``
-per step and sample; see ``docs/sensitivity.md``.
+per step and sample; see ``docs/sensitivity.md``. The names are imported lazily, so that the
+torch-free :mod:`ngdiag.sensitivity.specs` (the reward spec registry) stays cheap to import.
 """
 
-from ngdiag.sensitivity.adjoint import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, norm_sensitivity
-from ngdiag.sensitivity.result import SensitivityResult
+_LAZY = {
+    "norm_sensitivity": "ngdiag.sensitivity.adjoint",
+    "ADAPTIVE_SOLVERS": "ngdiag.sensitivity.adjoint",
+    "FIXED_GRID_SOLVERS": "ngdiag.sensitivity.adjoint",
+    "SensitivityResult": "ngdiag.sensitivity.result",
+}
 
 __all__ = ["norm_sensitivity", "SensitivityResult", "FIXED_GRID_SOLVERS", "ADAPTIVE_SOLVERS"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ngdiag.sensitivity' has no attribute {name!r}")

@@ -31,6 +31,7 @@ import torch
 
 from ngdiag.errors import CheckpointError, ConfigError
 from ngdiag.sensitivity.preprocess import ImagePreprocess, check_images, clip_preprocess, hpsv2_preprocess
+from ngdiag.sensitivity.specs import REWARD_KINDS, _existing_path, parse_reward_spec, split_reward_spec
 
 __all__ = [
     "REWARD_KINDS",
@@ -177,13 +178,6 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
-
-
-def _existing_path(path: str | os.PathLike[str]) -> Path:
-    resolved = Path(path).expanduser()
-    if not resolved.exists():
-        raise ConfigError(f"reward weights not found: {path}")
-    return resolved
 
 
 def _param_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -484,56 +478,13 @@ class HPSv2Reward(_OpenClipReward):
 
 
 # --------------------------------------------------------------------------------------------
-# Spec strings.
+# Spec strings (the grammar and the registry of kinds live in ngdiag.sensitivity.specs).
 
 _BUILTINS: dict[str, type[BaseReward]] = {
     "brightness": BrightnessReward,
     "contrast": ContrastReward,
     "saturation": SaturationReward,
 }
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    "pickscore": ("processor",),
-    "clip": ("processor", "arch"),
-    "hpsv2": ("arch",),
-}
-
-#: The reward kinds :func:`load_reward` understands.
-REWARD_KINDS: tuple[str, ...] = tuple(sorted([*_BUILTINS, *_OPTIONS]))
-
-
-def _parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
-    kind, sep, rest = spec.strip().partition(":")
-    kind = kind.strip().lower()
-    if kind not in REWARD_KINDS:
-        raise ConfigError(f"unknown reward kind {kind!r}; known kinds: {', '.join(REWARD_KINDS)}.")
-    if kind in _BUILTINS:
-        if sep:
-            raise ConfigError(f"reward {kind!r} takes no path or options, got {spec!r}.")
-        return kind, None, {}
-    path, *option_items = rest.split(",")
-    if not path.strip():
-        raise ConfigError(f"reward {kind!r} needs a path: {kind}:PATH.")
-    options: dict[str, str] = {}
-    for item in option_items:
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or key not in _OPTIONS[kind] or not value.strip():
-            known = ", ".join(f"{k}=..." for k in _OPTIONS[kind])
-            raise ConfigError(f"bad option {item!r} for reward {kind!r}; known options: {known}.")
-        options[key] = value.strip()
-    return kind, path.strip(), options
-
-
-def parse_reward_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
-    """Validate a reward spec without loading weights: ``(kind, path, options)``.
-
-    Raises :class:`ConfigError` for an unknown kind or option, or weights that do not exist.
-    """
-    kind, path, options = _parse_spec(spec)
-    if path is not None:
-        _existing_path(path)
-    return kind, path, options
-
 
 def load_reward(
     spec: str,
@@ -558,7 +509,7 @@ def load_reward(
         >>> load_reward("contrast").name
         'contrast'
     """
-    kind, path, options = _parse_spec(spec)
+    kind, path, options = split_reward_spec(spec)
     if path is None:
         return _BUILTINS[kind]()
     if kind == "pickscore":

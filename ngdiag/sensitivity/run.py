@@ -178,18 +178,18 @@ def _run_batch(checkpoint: Checkpoint, config: SensitivityConfig, reward, b: int
     return {"ids": ids, "result": res}
 
 
-def _part_name(b: int) -> str:
+def part_name(b: int) -> str:
     return f"parts/sensitivity-b{b:05d}.npz"
 
 
 def _write_part(folder: RunFolder, b: int, part: dict) -> None:
     r = part["result"]
-    folder.write(_part_name(b), lambda p: np.savez(open(p, "wb"), ids=np.asarray(part["ids"]), S=r.S.numpy(), times=r.times.numpy(),
+    folder.write(part_name(b), lambda p: np.savez(open(p, "wb"), ids=np.asarray(part["ids"]), S=r.S.numpy(), times=r.times.numpy(),
                                                    reward=r.reward.numpy()))
 
 
 def _read_part(out: Path, b: int) -> dict:
-    path = Path(out) / _part_name(b)
+    path = Path(out) / part_name(b)
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the run in {out} is incomplete; rerun it with the same arguments")
     try:
@@ -252,7 +252,7 @@ def run_sensitivity(
     with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite, config=config.to_dict(), shard=list(shard)) as folder:
         folder.begin(state)
         for done, b in enumerate(batches, 1):
-            if not folder.exists(_part_name(b)):
+            if not folder.exists(part_name(b)):
                 _write_part(folder, b, _run_batch(checkpoint, config, reward, b))
             if progress:
                 progress(done, len(batches))

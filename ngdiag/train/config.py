@@ -71,6 +71,7 @@ RESUMABLE_CHANGES = ("iterations", "checkpoint_every")
 """Config keys a rerun may change and still resume the run in its output folder."""
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+MAX_SEED = 2**63 - 1
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -244,9 +245,7 @@ class RolloutConfig:
         out: List[str] = []
         if self.prompts_file:
             path = Path(self.prompts_file)
-            if not path.is_file():
-                raise ConfigError(f"prompt file not found: {path}")
-            out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            out += [line.strip() for line in _read_text(path, "prompt file").splitlines() if line.strip()]
             if not out:
                 raise ConfigError(f"prompt file {path} has no prompts (it is empty or blank)")
         out += [str(p) for p in self.prompts]
@@ -427,8 +426,11 @@ class TrainConfig:
         check_reward_spec(self.reward)
         _at_least("iterations", self.iterations, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 1)
+        if not 0 <= int(self.seed) <= MAX_SEED:
+            raise ConfigError(f"seed must lie in [0, 2**63 - 1], got {self.seed}")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        check_lora_fits(self.model.base, self.lora)
         return self
 
     def resolve_paths(self, root: Optional[Path] = None) -> "TrainConfig":
@@ -449,9 +451,55 @@ class TrainConfig:
         return self
 
 
+def _targeted_layer_shapes(base: str, target_modules) -> dict:
+    """``{layer: (out_features, in_features)}`` of the base transformer's linear layers that
+    ``target_modules`` selects (PEFT's rule: the name, or a name ending in ``.`` + it), read from
+    the safetensors headers of ``BASE/transformer`` without loading any weight. Empty when the
+    base is not a local pipeline folder with safetensors weights."""
+    folder = Path(base).expanduser() / "transformer"
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return {}
+    from safetensors import safe_open
+
+    targets = [str(t) for t in target_modules]
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="np") as handle:
+                for key in handle.keys():
+                    if not key.endswith(".weight"):
+                        continue
+                    layer = key[: -len(".weight")]
+                    if any(layer == t or layer.endswith("." + t) for t in targets):
+                        shape = handle.get_slice(key).get_shape()
+                        if len(shape) == 2:
+                            shapes[layer] = (int(shape[0]), int(shape[1]))
+        except Exception:  # an unreadable file is the loader's to report
+            return {}
+    return shapes
+
+
+def check_lora_fits(base: str, lora: "LoraSettings") -> None:
+    """Refuse a LoRA rank above ``min(in, out)`` of the smallest targeted layer, before anything is allocated.
+
+    A rank-r update of an ``out x in`` layer has rank at most ``min(in, out)``; a larger r adds
+    only parameters (``r (in + out)`` per layer), and a huge one exhausts memory.
+    """
+    shapes = _targeted_layer_shapes(base, lora.target_modules)
+    if not shapes:
+        return
+    layer, (rows, cols) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    if int(lora.rank) > min(rows, cols):
+        raise ConfigError(
+            f"lora.rank={lora.rank} exceeds the targeted layers' dimensions: the smallest, {layer}, is "
+            f"{rows} x {cols}, so a rank above {min(rows, cols)} adds nothing; choose lora.rank <= {min(rows, cols)}"
+        )
+
+
 def check_reward_spec(spec: str) -> None:
     """A reward spec ``KIND[:PATH[,key=value...]]`` whose kind is known and whose weights exist."""
-    from ngdiag.sensitivity.rewards import REWARD_KINDS, parse_reward_spec
+    from ngdiag.sensitivity.specs import REWARD_KINDS, parse_reward_spec
 
     if not spec or not str(spec).strip():
         raise ConfigError(f"reward is required, e.g. 'brightness' or 'pickscore:/path/to/weights' ({', '.join(REWARD_KINDS)})")
@@ -464,6 +512,18 @@ def check_reward_spec(spec: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; a one-line :class:`ConfigError` when it is missing or not UTF-8."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (undecodable byte at position {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or type(exc).__name__}") from None
+
+
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
@@ -548,9 +608,12 @@ def _coerce(tp, value, name: str):
         if isinstance(value, bool):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -615,10 +678,9 @@ def load_config(path, overrides=None) -> TrainConfig:
         ConfigError: missing or unreadable file, invalid YAML, unknown key, bad value.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    text = _read_text(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
