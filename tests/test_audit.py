@@ -18,6 +18,7 @@ from ngdiag.audit import AuditConfig, run_audit
 from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.probes.paired import PairedVelocity
+from ngdiag.probes.renorm import rl_renorm_intervention
 from ngdiag.sampling import sample
 from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_rotated_finetune, save_scaled_finetune
 from tests.helpers import run_cli
@@ -129,8 +130,8 @@ def test_renorm_reproduces_reference_trajectory(planted, tiny_bases):
     theta, ref = batch.conditioning.guided(ckpt.theta), batch.conditioning.guided(ckpt.ref)
     base = sample(ref, batch.x_init, batch.sigmas).x_final
     rl = sample(theta, batch.x_init, batch.sigmas).x_final
-    renormed = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1, 2], renorm="rl", record=False),
-                      batch.x_init, batch.sigmas).x_final
+    renormed = sample(PairedVelocity(theta, ref), batch.x_init, batch.sigmas,
+                      intervention=rl_renorm_intervention(sample_ids=[0, 1, 2])).x_final
     assert _relative(renormed, base) <= 1e-6  # measured 3.5e-7: float32 rounding
     assert _relative(rl, base) > 1e-3
 
