@@ -175,6 +175,22 @@ def test_live_pipeline_probe_equals_audit(tiny_bases, tmp_path, family):
     assert "step" not in pipe.scheduler.__dict__ and not pipe.transformer._forward_hooks
 
 
+def test_live_probe_names_a_non_finite_reference_like_the_audit(planted, tiny_bases):
+    # The live probe checks theta's and ref's velocities with the audit's check: step, time and samples.
+    import copy
+
+    from ngdiag.errors import NumericalError
+
+    ckpt = load_checkpoint(planted[("sd3", 1.08)], tiny_bases["sd3"])
+    bad_ref = copy.deepcopy(ckpt.ref.transformer)
+    with torch.no_grad():
+        bad_ref.proj_out.weight[0, 0] = float("inf")
+    call = dict(prompt=PROMPTS[:2], num_inference_steps=2, guidance_scale=4.0, output_type="latent", **TINY_CALL_KWARGS["sd3"])
+    with pytest.raises(NumericalError, match=r"^ref's velocity is not finite at step 0 \(t=1\.0000\) for samples \[0, 1\]$"):
+        with ngdiag.probe(ckpt.pipeline, ref=bad_ref):
+            ckpt.pipeline(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call)
+
+
 def test_live_probe_renorm_changes_output(planted, tiny_bases):
     ckpt = load_checkpoint(planted[("sd3", 1.08)], tiny_bases["sd3"])
     pipe = ckpt.pipeline
