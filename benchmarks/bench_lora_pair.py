@@ -22,7 +22,8 @@ import torch
 
 from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import ADAPTER_NAME, load_checkpoint
-from ngdiag.probes.paired import FusedLoraPair, PairedVelocity
+from ngdiag.models.pair import FusedLoraPair
+from ngdiag.probes.paired import PairedVelocity, PairRecorder
 from ngdiag.sampling import sample
 
 
@@ -55,14 +56,14 @@ def main():
 
     def run(fused: bool):
         f = FusedLoraPair(batch.conditioning, ckpt.theta, ADAPTER_NAME) if fused else None
-        p = PairedVelocity(theta, ref, batch.sigmas, list(range(args.batch)), fused=f)
+        recorder = PairRecorder(list(range(args.batch)))
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sample(p, batch.x_init, batch.sigmas)
+        sample(PairedVelocity(theta, ref, fused=f), batch.x_init, batch.sigmas, callback=recorder)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start, p.recorder.record()
+        return time.perf_counter() - start, recorder.record()
 
     run(False), run(True)  # warm-up
     times = {"separate": [], "fused": []}

@@ -26,12 +26,15 @@ import pandas as pd
 import torch
 
 import ngdiag
+from ngdiag.core.tensors import check_finite
 from ngdiag.durable import STATE_FILE, RunFolder, load_shards, lock_output, parse_shard, shard_batches, use_output
-from ngdiag.errors import ConfigError, NumericalError, sample_list
+from ngdiag.errors import ConfigError
 from ngdiag.generation import SampleSet, prepare_batch
-from ngdiag.models.loading import Checkpoint
-from ngdiag.probes.paired import PairedVelocity, check_velocity_finite
+from ngdiag.models.loading import ADAPTER_NAME, Checkpoint
+from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
+from ngdiag.probes.paired import PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
+from ngdiag.probes.renorm import rl_renorm_intervention
 from ngdiag.sampling import sample
 from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
 
@@ -241,8 +244,6 @@ class _BatchRunner:
 
     def _fusable(self) -> bool:
         """The default for LoRA pairs: fused on CUDA, when peft can mix the adapter in one batch."""
-        from ngdiag.models.loading import mixed_batch_problem
-
         return self.ckpt.adapter.device.type == "cuda" and mixed_batch_problem(self.ckpt.theta) is None
 
     def run(self, b: int) -> dict:
@@ -255,13 +256,11 @@ class _BatchRunner:
         ref_g = batch.conditioning.guided(self.ref)
         fused = None
         if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self._fusable())):
-            from ngdiag.models.loading import ADAPTER_NAME
-            from ngdiag.probes.paired import FusedLoraPair
-
             fused = FusedLoraPair(batch.conditioning, self.ckpt.theta, ADAPTER_NAME)
-        paired = PairedVelocity(theta_g, ref_g, batch.sigmas, ids, trajectory=cfg.trajectory, fused=fused)
-        main = sample(paired, batch.x_init, batch.sigmas)
-        out = {"record": paired.recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": []}
+        recorder = PairRecorder(ids)
+        main = sample(PairedVelocity(theta_g, ref_g, trajectory=cfg.trajectory, fused=fused), batch.x_init, batch.sigmas,
+                      callback=recorder)
+        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": []}
         needs_extra = cfg.renorm or cfg.reward is not None
         grid = [j for j, i in enumerate(ids) if i < cfg.grid_size]
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
@@ -271,10 +270,11 @@ class _BatchRunner:
             else:
                 finals["rl"] = sample(theta_g, batch.x_init, batch.sigmas).x_final
             if cfg.renorm:
-                renormed = PairedVelocity(theta_g, ref_g, batch.sigmas, ids, renorm="rl", renorm_on=cfg.renorm_on, record=False)
-                finals["rl+renorm"] = sample(renormed, batch.x_init, batch.sigmas).x_final
+                renorm = rl_renorm_intervention(cfg.renorm_on, guidance=theta_g, sample_ids=ids)
+                finals["rl+renorm"] = sample(PairedVelocity(theta_g, ref_g), batch.x_init, batch.sigmas,
+                                             intervention=renorm).x_final
         for name, x in finals.items():
-            check_velocity_finite(x, who=f"the {name} sample", step=cfg.sampling.num_steps, t=0.0, sample_ids=ids)
+            check_finite(x, f"the {name} samples are not finite (NaN or inf) after the last step", sample_ids=ids)
         if cfg.renorm:
             base = finals["base"].reshape(len(ids), -1).double()
             for name in ("rl", "rl+renorm"):
@@ -288,27 +288,19 @@ class _BatchRunner:
             decoded_ids = ids if decode_all else [ids[j] for j in grid]
             with torch.no_grad():
                 images = self.ckpt.adapter.decode(x if decode_all else x[grid], h, w).float().cpu()
-            _check_finite(images, f"the decoded {name} images", decoded_ids, "(the latents are finite: check the VAE)")
+            check_finite(images, f"the decoded {name} images are not finite (NaN or inf)", sample_ids=decoded_ids,
+                         hint="(the latents are finite: check the VAE)")
             if decode_all:
                 with torch.no_grad():
                     scores = self.reward(images.to(self.ckpt.adapter.device), prompts).float().cpu()
-                _check_finite(scores, f"the reward of the {name} images", ids, f"({cfg.reward})")
+                check_finite(scores, f"the reward of the {name} images are not finite (NaN or inf)", sample_ids=ids,
+                             hint=f"({cfg.reward})")
                 out["rewards"] += [{"sample": i, "model": name, "reward": float(s)} for i, s in zip(ids, scores)]
                 images = images[grid]
             if grid:
                 out["images"][name] = images.numpy()
         out["grid_ids"] = [ids[j] for j in grid]
         return out
-
-
-def _check_finite(values: torch.Tensor, what: str, sample_ids: Sequence[int], hint: str = "") -> None:
-    """Raise :class:`NumericalError` naming the samples whose ``values`` (first axis: samples) are not finite."""
-    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        ids = np.asarray(sample_ids)[bad.numpy()]
-        mask = np.zeros(int(max(sample_ids)) + 1, dtype=bool)
-        mask[ids] = True  # sample_list prints the global ids of the bad samples
-        raise NumericalError(f"{what} are not finite (NaN or inf) for samples {sample_list(mask)} {hint}".rstrip())
 
 
 def part_names(b: int) -> dict:

@@ -11,8 +11,12 @@ computed exactly as ``FlowMatchEulerDiscreteScheduler.step`` computes it (state 
 float32, result cast back to the velocity's dtype).
 
 Every model follows one contract: ``v = model(x, t, **cond)`` with ``t`` a float tensor of shape
-``(B,)`` in ``[0, 1]``. :class:`GuidedVelocity` adds classifier-free guidance on top of it;
-:func:`sample` runs the loop with a per-step callback and an ``enable_grad`` flag.
+``(B,)`` in ``[0, 1]``. :class:`GuidedVelocity` adds classifier-free guidance on top of it
+(:func:`apply_guidance` is the one guidance formula, Qwen-Image's per-token rescale included);
+:func:`sample` runs the loop with a per-step callback (what probes record), an intervention that
+replaces the velocity a step applies (renormalization), and an ``enable_grad`` flag. The
+reward adjoint (:mod:`ngdiag.sensitivity.adjoint`) differentiates this very loop: it runs
+:func:`sample` forward and recomputes single steps with :func:`velocity_at` and :func:`euler_step`.
 
 Example:
     >>> import torch
@@ -40,9 +44,12 @@ __all__ = [
     "VelocityEval",
     "GuidedVelocity",
     "apply_guidance",
+    "GUIDANCE_RESCALES",
     "StepRecord",
     "SampleResult",
     "euler_step",
+    "batch_time",
+    "velocity_at",
     "sample",
     "check_schedule",
 ]
@@ -159,8 +166,11 @@ class GuidedVelocity:
         else:
             v_cond = self.model(x, t, **self.cond)
             v_uncond = self.model(x, t, **self.uncond)
-        v_guided = apply_guidance(v_cond, v_uncond, self.guidance_scale, self.rescale)
-        return VelocityEval(cond=v_cond, guided=v_guided, uncond=v_uncond)
+        return VelocityEval(cond=v_cond, guided=self.guide(v_cond, v_uncond), uncond=v_uncond)
+
+    def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
+        """This velocity's guidance applied to a conditional and an unconditional output (:func:`apply_guidance`)."""
+        return apply_guidance(v_cond, v_uncond, self.guidance_scale, self.rescale)
 
 
 @dataclass
@@ -210,16 +220,24 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next
     """One Euler step, the same arithmetic as ``FlowMatchEulerDiscreteScheduler.step``.
 
     ``sigma`` and ``sigma_next`` are 0-dim tensors from the schedule. Low-precision states are
-    upcast to float32 for the update, as the scheduler does; float64 stays float64.
+    upcast to float32 for the update, as the scheduler does (float64 stays float64); ``dt * v`` is
+    computed in ``v``'s dtype and the new state is returned in ``v``'s dtype. The sampler and the
+    reward adjoint both step with this function, so these casts are the same in both.
     """
     dt = sigma_next - sigma
     return (x.to(torch.promote_types(x.dtype, torch.float32)) + dt * v).to(v.dtype)
 
 
-def check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
-    """Validate a schedule: 1-D, at least two values, finite, strictly decreasing, within [0, 1]."""
+def check_schedule(sigmas) -> torch.Tensor:
+    """Validate a schedule: 1-D floats, at least two values, finite, strictly decreasing, within [0, 1].
+
+    A sequence of Python floats becomes a float64 tensor (the values as given); a tensor is
+    returned as it is, so a diffusers float32 schedule stays float32.
+    """
     if not isinstance(sigmas, torch.Tensor):
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if not sigmas.is_floating_point():
+        raise ConfigError(f"a schedule needs floating-point times, got {sigmas.dtype}")
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ConfigError(f"a schedule needs a 1-D tensor of at least 2 times, got shape {tuple(sigmas.shape)}")
     if not torch.isfinite(sigmas).all():
@@ -227,18 +245,33 @@ def check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
     if not (sigmas[1:] < sigmas[:-1]).all():
         raise ConfigError("the schedule must be strictly decreasing (t=1 is noise, t=0 is data)")
     if sigmas.min() < 0 or sigmas.max() > 1:
-        raise ConfigError("schedule times must lie in [0, 1]")
+        raise ConfigError("schedule times must lie in [0, 1] (diffusers sigmas, not timesteps in 0..1000)")
     return sigmas
 
 
-def _as_step_velocity(velocity) -> Callable[[torch.Tensor, torch.Tensor], VelocityEval]:
-    def call(x, t):
-        out = velocity(x, t)
-        if isinstance(out, VelocityEval):
-            return out
-        return VelocityEval(cond=out, guided=out)
+def batch_time(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The model's ``t`` for the state ``x``: the schedule time ``sigma`` (0-dim) as ``(B,)`` in ``x``'s dtype and device."""
+    return sigma.reshape(()).expand(x.shape[0]).to(device=x.device, dtype=x.dtype)
 
-    return call
+
+def velocity_at(velocity: Callable[..., Any], x: torch.Tensor, t: torch.Tensor, where: Callable[[], str]) -> VelocityEval:
+    """Evaluate a step velocity at ``(x, t)`` as :func:`sample` does, and check what it returns.
+
+    ``velocity(x, t)`` may return a tensor (taken as the guided velocity) or a :class:`VelocityEval`;
+    the velocity the step applies must be a tensor of ``x``'s shape (its dtype may differ).
+    ``where()`` names the place in messages (``"at step 3 (t=0.5)"``).
+
+    Raises:
+        ConfigError: the velocity returns something else.
+    """
+    out = velocity(x, t)
+    ev = out if isinstance(out, VelocityEval) else VelocityEval(cond=out, guided=out)
+    v = ev.step_velocity
+    if not isinstance(v, torch.Tensor):
+        raise ConfigError(f"the velocity must return a tensor, got {type(v).__name__} {where()}")
+    if v.shape != x.shape:
+        raise ConfigError(f"the velocity returned shape {tuple(v.shape)} {where()}, expected {tuple(x.shape)} like x")
+    return ev
 
 
 def sample(
@@ -257,24 +290,27 @@ def sample(
         velocity: a :class:`VelocityModel` called as ``velocity(x, t)`` (conditioning already bound),
             a :class:`GuidedVelocity`, or any callable returning a tensor or a :class:`VelocityEval`.
         x_init: the state at ``sigmas[0]``, shape ``(B, ...)``.
-        sigmas: decreasing schedule of ``K + 1`` times (float32 for diffusers parity).
+        sigmas: decreasing schedule of ``K + 1`` times (float32 for diffusers parity), checked by
+            :func:`check_schedule`.
         callback: called after every step with a :class:`StepRecord`.
         intervention: ``f(step, t, eval) -> v`` replacing the velocity the step applies
-            (e.g. renormalization); ``eval.applied`` is set to its result.
+            (e.g. :func:`ngdiag.probes.renorm.rl_renorm_intervention`); ``eval.applied`` is set to its
+            result.
         enable_grad: keep the autograd graph (for adjoints); default is no graph.
         keep_states: also return the list of all states ``x_0 ... x_K``.
+
+    Raises:
+        ConfigError: a bad schedule, or a velocity that returns no tensor of ``x``'s shape.
     """
     sigmas = check_schedule(sigmas)
-    step_velocity = _as_step_velocity(velocity)
-    batch = x_init.shape[0]
     states = [x_init] if keep_states else None
     grad_ctx = contextlib.nullcontext() if enable_grad else torch.no_grad()
     x = x_init
     with grad_ctx:
         for k in range(sigmas.numel() - 1):
             sigma, sigma_next = sigmas[k], sigmas[k + 1]
-            t = sigma.expand(batch).to(device=x.device, dtype=x.dtype)
-            ev = step_velocity(x, t)
+            t = batch_time(sigma, x)
+            ev = velocity_at(velocity, x, t, lambda k=k, sigma=sigma: f"at step {k} (t={float(sigma):.4g})")
             if intervention is not None:
                 ev.applied = intervention(k, t, ev)
             x_next = euler_step(x, ev.step_velocity, sigma.to(x.device), sigma_next.to(x.device))

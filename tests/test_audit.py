@@ -18,6 +18,7 @@ from ngdiag.audit import AuditConfig, run_audit
 from ngdiag.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.probes.paired import PairedVelocity
+from ngdiag.probes.renorm import rl_renorm_intervention
 from ngdiag.sampling import sample
 from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_rotated_finetune, save_scaled_finetune
 from tests.helpers import run_cli
@@ -129,8 +130,8 @@ def test_renorm_reproduces_reference_trajectory(planted, tiny_bases):
     theta, ref = batch.conditioning.guided(ckpt.theta), batch.conditioning.guided(ckpt.ref)
     base = sample(ref, batch.x_init, batch.sigmas).x_final
     rl = sample(theta, batch.x_init, batch.sigmas).x_final
-    renormed = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1, 2], renorm="rl", record=False),
-                      batch.x_init, batch.sigmas).x_final
+    renormed = sample(PairedVelocity(theta, ref), batch.x_init, batch.sigmas,
+                      intervention=rl_renorm_intervention(sample_ids=[0, 1, 2])).x_final
     assert _relative(renormed, base) <= 1e-6  # measured 3.5e-7: float32 rounding
     assert _relative(rl, base) > 1e-3
 
@@ -172,6 +173,22 @@ def test_live_pipeline_probe_equals_audit(tiny_bases, tmp_path, family):
         torch.testing.assert_close(getattr(live, name), getattr(audit, name), rtol=0, atol=0)
     # The hooks are gone after the block.
     assert "step" not in pipe.scheduler.__dict__ and not pipe.transformer._forward_hooks
+
+
+def test_live_probe_names_a_non_finite_reference_like_the_audit(planted, tiny_bases):
+    # The live probe checks theta's and ref's velocities with the audit's check: step, time and samples.
+    import copy
+
+    from ngdiag.errors import NumericalError
+
+    ckpt = load_checkpoint(planted[("sd3", 1.08)], tiny_bases["sd3"])
+    bad_ref = copy.deepcopy(ckpt.ref.transformer)
+    with torch.no_grad():
+        bad_ref.proj_out.weight[0, 0] = float("inf")
+    call = dict(prompt=PROMPTS[:2], num_inference_steps=2, guidance_scale=4.0, output_type="latent", **TINY_CALL_KWARGS["sd3"])
+    with pytest.raises(NumericalError, match=r"^ref's velocity is not finite at step 0 \(t=1\.0000\) for samples \[0, 1\]$"):
+        with ngdiag.probe(ckpt.pipeline, ref=bad_ref):
+            ckpt.pipeline(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call)
 
 
 def test_live_probe_renorm_changes_output(planted, tiny_bases):

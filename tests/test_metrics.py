@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ngdiag.errors import ConfigError, NumericalError
-from ngdiag.probes.metrics import VelocityComparison, compare_velocities, velocity_norm
+from ngdiag.core.tensors import velocity_norm
+from ngdiag.probes.metrics import VelocityComparison, compare_velocities
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ngdiag.errors import ConfigError, NumericalError
-from ngdiag.probes.metrics import velocity_norm
-from ngdiag.probes.renorm import check_finite_norms, check_finite_tensor, cfg_renorm, rl_renorm
+from ngdiag.core.tensors import check_finite, check_finite_norms, velocity_norm
+from ngdiag.probes.renorm import cfg_renorm, rl_renorm
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,13 +98,13 @@ def test_check_finite_norms_messages():
 
 def test_check_finite_tensor_messages():
     v = torch.ones(4, 2, 3)
-    check_finite_tensor(v, what="v_ref", step=0)  # passes silently
+    check_finite(v, "v_ref has non-finite values at step 0")  # passes silently
     v[1, 1, 2] = float("nan")
     v[3, 0, 0] = -float("inf")
     with pytest.raises(NumericalError, match=r"^v_ref has non-finite values at step 3 for samples \[1, 3\]$"):
-        check_finite_tensor(v, what="v_ref", step=3)
+        check_finite(v, "v_ref has non-finite values at step 3")
     with pytest.raises(NumericalError, match=r"^v_ref has non-finite values for samples \[1, 3\]$"):
-        check_finite_tensor(v, what="v_ref")
+        check_finite(v, "v_ref has non-finite values")
 
 
 def test_shape_mismatch_is_config_error():
@@ -178,13 +178,14 @@ def test_rl_renorm_on_cond_of_a_planted_scale_is_the_reference_trajectory(checkp
     # v_theta = 1.08 v_ref in each call: renormalizing cond and uncond to the reference gives back the
     # reference's own calls, hence (after the pipeline's guidance) the reference's guided trajectory.
     from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.probes.renorm import rl_renorm_intervention
     from ngdiag.sampling import sample
 
     batch, theta, ref = _batch(checkpoints("scaled", family))
     base = sample(ref, batch.x_init, batch.sigmas).x_final
     rl = sample(theta, batch.x_init, batch.sigmas).x_final
-    renormed = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm="rl", renorm_on="cond", record=False),
-                      batch.x_init, batch.sigmas).x_final
+    renormed = sample(PairedVelocity(theta, ref), batch.x_init, batch.sigmas,
+                      intervention=rl_renorm_intervention("cond", guidance=theta)).x_final
     assert _relative(renormed, base) <= 1e-6  # measured 2.8e-7 to 4.0e-7 (float32 rounding)
     assert _relative(rl, base) > 1e-3
 
@@ -192,12 +193,13 @@ def test_rl_renorm_on_cond_of_a_planted_scale_is_the_reference_trajectory(checkp
 @pytest.mark.parametrize("family", CFG_FAMILIES)
 def test_rl_renorm_on_cond_renormalizes_each_call_before_guidance(checkpoints, family):
     from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.probes.renorm import rl_renorm_intervention
     from ngdiag.sampling import euler_step, sample
 
     batch, theta, ref = _batch(checkpoints("lora", family))
     steps = []
-    paired = PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm="rl", renorm_on="cond", record=False)
-    sample(paired, batch.x_init, batch.sigmas, callback=steps.append)
+    sample(PairedVelocity(theta, ref), batch.x_init, batch.sigmas, callback=steps.append,
+           intervention=rl_renorm_intervention("cond", guidance=theta))
     assert len(steps) == 3
     for rec in steps:
         ev, ev_ref = rec.velocity, rec.velocity.extras["ref"]
@@ -214,14 +216,15 @@ def test_rl_renorm_on_cond_renormalizes_each_call_before_guidance(checkpoints, f
 @pytest.mark.parametrize("family", CFG_FAMILIES)
 def test_cfg_renorm_sets_the_conditional_norm_each_step(checkpoints, family):
     # Paper eq. 2: v' = v_cfg ||v_cond|| / ||v_cfg||, with theta's own conditional output (not the reference's).
-    from ngdiag.probes.paired import PairedVelocity, RenormVelocity
+    from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.probes.renorm import cfg_renorm_intervention
     from ngdiag.sampling import sample
 
     batch, theta, ref = _batch(checkpoints("lora", family))
     paired, alone = [], []
-    sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm="cfg", record=False), batch.x_init, batch.sigmas,
-           callback=paired.append)
-    sample(RenormVelocity(theta), batch.x_init, batch.sigmas, callback=alone.append)
+    sample(PairedVelocity(theta, ref), batch.x_init, batch.sigmas, callback=paired.append,
+           intervention=cfg_renorm_intervention())
+    sample(theta, batch.x_init, batch.sigmas, callback=alone.append, intervention=cfg_renorm_intervention())
     assert len(paired) == len(alone) == 3
     for rec, rec_alone in zip(paired, alone):
         ev, ev_ref = rec.velocity, rec.velocity.extras["ref"]
@@ -240,13 +243,14 @@ def test_cfg_renorm_sets_the_conditional_norm_each_step(checkpoints, family):
 def test_live_probe_renorm_equals_the_sampler(checkpoints, family, renorm):
     import ngdiag
     from ngdiag.probes.paired import PairedVelocity
+    from ngdiag.probes.renorm import cfg_renorm_intervention, rl_renorm_intervention
     from ngdiag.sampling import sample
     from ngdiag.testing import TINY_CALL_KWARGS
 
     ckpt = checkpoints("lora", family)
     batch, theta, ref = _batch(ckpt)
-    ours = sample(PairedVelocity(theta, ref, batch.sigmas, [0, 1], renorm=renorm, record=False), batch.x_init,
-                  batch.sigmas).x_final
+    intervention = rl_renorm_intervention() if renorm == "rl" else cfg_renorm_intervention()
+    ours = sample(PairedVelocity(theta, ref), batch.x_init, batch.sigmas, intervention=intervention).x_final
     ours = ckpt.adapter.output_latents(ours, 32, 32)
     pipe = ckpt.pipeline
     pipe.set_progress_bar_config(disable=True)

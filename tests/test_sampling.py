@@ -38,6 +38,19 @@ def test_plain_module_and_function_are_models():
     assert not torch.equal(a, x)
 
 
+def test_velocity_of_another_shape_or_an_integer_schedule_is_an_error():
+    # A (B, 1) velocity would broadcast over the state: a wrong trajectory without a word.
+    from ngdiag.errors import ConfigError
+
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    with pytest.raises(ConfigError, match=r"^the velocity returned shape \(2, 1\) at step 0 \(t=1\), expected \(2, 3\)"):
+        sample(lambda x, t: x[:, :1], torch.ones(2, 3), sigmas)
+    with pytest.raises(ConfigError, match="must return a tensor, got tuple at step 0"):
+        sample(lambda x, t: (x,), torch.ones(2, 3), sigmas)
+    with pytest.raises(ConfigError, match="floating-point times"):
+        sample(lambda x, t: x, torch.ones(2, 3), torch.tensor([1, 0]))
+
+
 def test_enable_grad_flag_controls_graph():
     w = torch.tensor(0.5, requires_grad=True)
     sigmas = torch.linspace(1, 0, 4)

@@ -13,6 +13,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 from ngdiag.errors import ConfigError, NgdiagError, NumericalError
+from ngdiag.sampling import sample
 from ngdiag.sensitivity import SensitivityResult, norm_sensitivity
 
 DIM = 8
@@ -113,6 +114,30 @@ def test_discrete_adjoint_equals_autograd_through_sampler(checkpoint):
         d_k = (states[k + 1] - states[k]).detach() / (times[k] - times[k + 1])
         assert torch.allclose(res.S[k], (ref_adjoint[k + 1] * d_k).sum(dim=1), rtol=1e-10, atol=1e-12)
     assert torch.allclose(res.x_final, states[-1].detach(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+@pytest.mark.parametrize(
+    "state, computed", [(torch.float32, torch.float32), (torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16)],
+    ids=["float32", "float32-state-float64-velocity", "bfloat16"],
+)
+def test_forward_pass_is_the_sampler_bit_for_bit(checkpoint, state, computed):
+    """The states the adjoint differentiates are ngdiag.sampling.sample's, to the last bit, also where the
+    velocity's dtype differs from the state's (the sampler continues in the velocity's dtype, as diffusers'
+    scheduler does) and in half precision (dt * v in the velocity's dtype, the state update in float32)."""
+    field = TinyField().to(computed)
+
+    def velocity(x, t):
+        return field(x.to(computed), t.to(computed))
+
+    x0, times = noise().to(state), shifted_schedule(6).float()
+    expected = sample(velocity, x0, times).x_final
+    res = norm_sensitivity(velocity, x0, times, lambda x: reward(x.double()), checkpoint=checkpoint)
+    assert res.x_final.dtype == expected.dtype == computed
+    assert torch.equal(res.x_final, expected)
+    if state != torch.bfloat16:  # the two backward walks agree (in bfloat16 only the stepwise one accumulates in float32)
+        other = norm_sensitivity(velocity, x0, times, lambda x: reward(x.double()), checkpoint=not checkpoint)
+        assert torch.allclose(res.S, other.S, rtol=1e-5, atol=0)
 
 
 def test_linear_field_on_uniform_grid_has_exactly_constant_discrete_S():

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ngdiag.generation import SamplingConfig, prepare_batch
@@ -58,6 +59,30 @@ def test_identity_through_transformer_vae_and_clip_float32(tiny_bases, clip_dir)
     rel = ((result.directional_derivative - fd).abs() / fd.abs()).max().item()
     assert rel <= 2e-2, rel
     assert result.S.shape == (4, 2)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adjoint_forward_pass_is_the_audit_sampler_bit_for_bit(tiny_bases, tmp_path, dtype, checkpoint):
+    """The discrete adjoint differentiates the audit's own sampler: its final samples are the audit's
+    trajectory of theta to the last bit (float32, and bfloat16 where a copied step once cast differently)."""
+    from ngdiag.probes.paired import PairedVelocity, PairRecorder
+    from ngdiag.testing import save_scaled_finetune
+
+    ckpt = load_checkpoint(save_scaled_finetune(tiny_bases["sd3"], tmp_path / "ft", 1.08), tiny_bases["sd3"], dtype=dtype)
+    batch = prepare_batch(ckpt, PROMPTS, [5, 6], SamplingConfig(num_steps=4, guidance_scale=3.0))
+    assert batch.x_init.dtype == dtype
+    audit = sample(PairedVelocity(batch.conditioning.guided(ckpt.theta), batch.conditioning.guided(ckpt.ref)),
+                   batch.x_init, batch.sigmas, callback=PairRecorder([5, 6])).x_final  # what run_audit samples
+
+    def reward(x):
+        return -(x.float() - 0.3).square().mean(dim=(1, 2, 3))
+
+    result = norm_sensitivity(checkpoint_velocity(ckpt, batch.conditioning), batch.x_init, batch.sigmas, reward,
+                              checkpoint=checkpoint)
+    assert result.x_final.dtype == audit.dtype == dtype
+    assert torch.equal(result.x_final, audit)
+    assert torch.equal(result.reward, reward(audit).double())
 
 
 def test_run_and_cli_write_outputs_and_merge_shards(tiny_bases, tmp_path):

@@ -43,118 +43,13 @@ import torch
 
 from ngdiag.errors import CheckpointError, ConfigError
 from ngdiag.models.families import FamilyAdapter, adapter_for, family_of_transformer
+from ngdiag.models.pair import AdapterDisabled
 
-__all__ = [
-    "Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "adapter_layers", "adapters_disabled",
-    "mixed_adapter_batch", "mixed_batch_problem", "AdapterDisabled", "ADAPTER_NAME",
-]
+__all__ = ["Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "ADAPTER_NAME"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ADAPTER_NAME = "ngdiag_theta"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-# --------------------------------------------------------------------------- pair helpers
-_MIXED_BATCH_MODULES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-
-
-def _auxiliary_wrapper_types() -> tuple:
-    """peft's wrappers around fully trained module copies (``modules_to_save``, trainable tokens)."""
-    try:
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        return (AuxiliaryTrainingWrapper,)
-    except ImportError:  # peft < 0.15 has only ModulesToSaveWrapper
-        from peft.utils.other import ModulesToSaveWrapper
-
-        return (ModulesToSaveWrapper,)
-
-
-def adapter_layers(module: torch.nn.Module) -> list:
-    """Every PEFT layer in ``module`` that an adapter changes: LoRA (and other tuner) layers, and the
-    wrappers of ``modules_to_save`` copies, which are not tuner layers but replace a whole module."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    kinds = (BaseTunerLayer,) + _auxiliary_wrapper_types()
-    return [m for m in module.modules() if isinstance(m, kinds)]
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: torch.nn.Module):
-    """Switch every adapter in ``module`` off inside the block: LoRA layers run their base layer and
-    ``modules_to_save`` wrappers their original module. State and ``requires_grad`` flags are restored
-    in ``finally`` (peft's own switch turns gradients of the adapter weights on when re-enabling)."""
-    layers = adapter_layers(module)
-    previous = [m.disable_adapters for m in layers]
-    params = [p for m in layers for p in m.parameters()]
-    grads = [p.requires_grad for p in params]
-    try:
-        for m in layers:
-            m.enable_adapters(False)
-        yield
-    finally:
-        for m, was_disabled in zip(layers, previous):
-            m.enable_adapters(not was_disabled)
-        for p, flag in zip(params, grads):
-            p.requires_grad_(flag)
-
-
-def mixed_batch_problem(module: torch.nn.Module) -> Optional[str]:
-    """Why peft cannot run ``module``'s adapters in a mixed-adapter batch, or ``None`` when it can.
-
-    peft refuses ``adapter_names`` for DoRA layers, and its ``modules_to_save`` wrappers split only
-    modules whose one input is the batch (linear, embedding, convolution layers).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    wrappers = _auxiliary_wrapper_types()
-    for name, m in module.named_modules():
-        if isinstance(m, LoraLayer):
-            if any(getattr(m, "use_dora", {}).get(a, False) for a in m.active_adapters):
-                return f"{name} is a DoRA layer, which peft cannot run in a mixed-adapter batch"
-        elif isinstance(m, wrappers) and not isinstance(m.original_module, _MIXED_BATCH_MODULES):
-            return (f"{name} is a modules_to_save copy of a {type(m.original_module).__name__}, which peft cannot "
-                    "run in a mixed-adapter batch")
-    return None
-
-
-@contextlib.contextmanager
-def mixed_adapter_batch(module: torch.nn.Module, pattern: list):
-    """Evaluate different adapters on different samples of one batch (peft's mixed-batch forward).
-
-    ``pattern`` gives an adapter name per sample (``"__base__"`` for the adapter switched off); a
-    layer that sees ``m * len(pattern)`` samples (CFG batches) uses the pattern tiled ``m`` times.
-    LoRA layers and ``modules_to_save`` wrappers both follow the pattern; check
-    :func:`mixed_batch_problem` first.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    def pre_hook(layer, args, kwargs):
-        n = args[0].shape[0] if args else kwargs["x"].shape[0]
-        reps, rest = divmod(n, len(pattern))
-        if rest:
-            raise CheckpointError(f"mixed adapter batch of {n} samples does not fit a pattern of {len(pattern)}")
-        return args, {**kwargs, "adapter_names": list(pattern) * reps}
-
-    kinds = (LoraLayer,) + _auxiliary_wrapper_types()
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in module.modules() if isinstance(m, kinds)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class AdapterDisabled(torch.nn.Module):
-    """The reference of a LoRA pair: the same velocity model, evaluated with its adapters off."""
-
-    def __init__(self, velocity: torch.nn.Module):
-        super().__init__()
-        self.velocity = velocity
-
-    def forward(self, x, t, **cond):
-        with adapters_disabled(self.velocity):
-            return self.velocity(x, t, **cond)
 
 
 # --------------------------------------------------------------------------- result type

@@ -6,8 +6,10 @@ The probe hooks two places and removes both hooks when the block exits (also on 
   on the same inputs (``ref`` a transformer, or ``None`` for a LoRA pipeline: the same transformer
   with its adapters switched off, ``modules_to_save`` copies included);
 - a wrapper around ``pipe.scheduler.step``: there the calls of the step are combined into the
-  conditional and guided velocities of theta and ref, recorded, and, if asked, the guided
-  velocity is renormalized before the scheduler applies it.
+  conditional and guided velocities of theta and ref, checked and recorded as the sampler's
+  :class:`~ngdiag.probes.paired.PairRecorder` does, and, if asked, the guided velocity is
+  renormalized by the sampler's own intervention (:mod:`ngdiag.probes.renorm`) before the
+  scheduler applies it.
 
 The guidance combination is recovered from the calls themselves: one call on a doubled batch
 is ``[uncond; cond]`` (SD3), two calls are ``cond`` then ``uncond`` (FLUX.2, FLUX.1 true CFG,
@@ -25,12 +27,12 @@ from typing import Optional
 
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
-from ngdiag.models.loading import adapters_disabled
-from ngdiag.probes.metrics import compare_velocities
+from ngdiag.errors import ConfigError
+from ngdiag.models.pair import adapter_layers, adapters_disabled
+from ngdiag.probes.paired import check_pair_finite, compare_pair
 from ngdiag.probes.records import CALLS, NormRecord, StepRecorder
-from ngdiag.probes.renorm import cfg_renorm, rl_renorm
-from ngdiag.sampling import apply_guidance
+from ngdiag.probes.renorm import cfg_renorm_intervention, rl_renorm_intervention
+from ngdiag.sampling import VelocityEval, apply_guidance
 
 __all__ = ["probe", "LiveProbe"]
 
@@ -57,6 +59,7 @@ class LiveProbe:
         self._calls: list = []
         self._inside = False
         self._recorder: Optional[StepRecorder] = None
+        self._intervene = None
         self._offset = 0
         self._batch = None
 
@@ -79,7 +82,8 @@ class LiveProbe:
 
     # ----- scheduler hook -----
     def _combine(self, calls, guided_theta: torch.Tensor):
-        """(theta_cond, theta_guided_rebuilt, ref_cond, ref_guided) from the step's calls."""
+        """(theta_cond, theta_guided, ref_cond, ref_guided) from the step's calls; ``guided_theta`` is
+        the velocity the pipeline hands to the scheduler."""
         n = guided_theta.shape[0]
         cut = lambda v: v[:, : guided_theta.shape[1]] if v.dim() == 3 else v  # noqa: E731  (klein image tokens)
         if len(calls) == 1 and calls[0][0].shape[0] == 2 * n:
@@ -90,7 +94,7 @@ class LiveProbe:
             r_cond, r_unc = cut(calls[0][1]), cut(calls[1][1])
         elif len(calls) == 1 and calls[0][0].shape[0] == n:
             t_cond, r_cond = cut(calls[0][0]), cut(calls[0][1])
-            return t_cond, t_cond, r_cond, r_cond
+            return t_cond, guided_theta, r_cond, r_cond
         else:
             raise ConfigError(f"the probe cannot interpret {len(calls)} transformer calls in one scheduler step")
         w, rescale = self._solve_guidance(t_cond, t_unc, guided_theta)
@@ -137,17 +141,12 @@ class LiveProbe:
             k = scheduler.step_index
             t, t_next = float(scheduler.sigmas[k]), float(scheduler.sigmas[k + 1])
             t_cond, t_guided, r_cond, r_guided = self._combine(calls, model_output)
-            if not torch.isfinite(t_guided).all():
-                bad = (~torch.isfinite(t_guided.reshape(n, -1)).all(1)).nonzero().flatten().tolist()
-                raise NumericalError(f"theta's velocity is not finite at step {k} (t={t:.4f}) for samples {bad}")
-            self._recorder.add(t, t_next, {
-                "guided": compare_velocities(t_guided, r_guided, step=k),
-                "cond": compare_velocities(t_cond, r_cond, step=k),
-            })
-            if self.renorm == "rl":
-                model_output = rl_renorm(model_output, r_guided, step=k).to(model_output.dtype)
-            elif self.renorm == "cfg":
-                model_output = cfg_renorm(model_output, t_cond, step=k).to(model_output.dtype)
+            ev = VelocityEval(cond=t_cond, guided=t_guided, extras={"ref": VelocityEval(cond=r_cond, guided=r_guided)})
+            ids = self._recorder.sample_ids
+            check_pair_finite(ev, step=k, t=t, sample_ids=ids)
+            self._recorder.add(t, t_next, compare_pair(ev, ev.extras["ref"], step=k))
+            if self._intervene is not None:
+                model_output = self._intervene(k, scheduler.sigmas[k].expand(n), ev)
             out = original(model_output, timestep, sample, *args, **kwargs)
             if scheduler.step_index is not None and scheduler.step_index >= len(scheduler.sigmas) - 1:
                 self._finish_record()
@@ -159,9 +158,12 @@ class LiveProbe:
         self._finish_record()
         self._batch = n
         self._recorder = StepRecorder(range(self._offset, self._offset + n), CALLS)
+        if self.renorm is not None:  # the sampler's own intervention, step for step
+            make = rl_renorm_intervention if self.renorm == "rl" else cfg_renorm_intervention
+            self._intervene = make(sample_ids=self._recorder.sample_ids)
 
     def _finish_record(self):
-        if self._recorder is not None and self._recorder._times:
+        if self._recorder is not None and self._recorder.num_steps:
             self.records.append(self._recorder.record())
             self._offset += self._batch
         self._recorder = None
@@ -194,8 +196,6 @@ def probe(pipe, ref=None, *, renorm: Optional[str] = None):
     """
     live = LiveProbe(pipe, ref, renorm=renorm)
     if ref is None:
-        from ngdiag.models.loading import adapter_layers
-
         if not adapter_layers(pipe.transformer):
             raise ConfigError("probe needs ref=: the pipeline's transformer has no LoRA adapter to switch off")
     handle = pipe.transformer.register_forward_hook(live._after_forward, with_kwargs=True)

@@ -1,9 +1,9 @@
-"""Per-sample velocity norms and the comparison of two velocities (CONVENTIONS "Norms and ratios").
+"""The per-sample comparison of two velocities (CONVENTIONS "Norms and ratios").
 
 ``||v||`` is the L2 norm of one sample over all its non-batch elements, in whatever latent layout
-the model uses: packing latents into tokens only permutes elements, so the norm is unchanged.
-For a velocity ``v_theta`` of the model under audit and ``v_ref`` of the reference, evaluated at the
-same ``(x_t, t, c)``:
+the model uses: packing latents into tokens only permutes elements, so the norm is unchanged
+(:func:`ngdiag.core.tensors.velocity_norm`). For a velocity ``v_theta`` of the model under audit
+and ``v_ref`` of the reference, evaluated at the same ``(x_t, t, c)``:
 
 - ratio ``r = ||v_theta|| / ||v_ref||``,
 - cosine ``cos`` between the flattened velocities,
@@ -16,9 +16,7 @@ same ``(x_t, t, c)``:
 
 Example:
     >>> import torch
-    >>> from ngdiag.probes.metrics import compare_velocities, velocity_norm
-    >>> velocity_norm(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
-    tensor([5., 2.])
+    >>> from ngdiag.probes.metrics import compare_velocities
     >>> c = compare_velocities(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
     >>> float(c.ratio[0]), float(c.cos[0]), float(c.radial_share[0])
     (2.0, 1.0, 1.0)
@@ -33,34 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ngdiag.core.tensors import check_finite_norms, per_sample, working_dtype
 from ngdiag.errors import ConfigError
 
-__all__ = ["velocity_norm", "VelocityComparison", "compare_velocities"]
-
-
-def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precisions and integers are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _flatten(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if v.dim() == 0:
-        raise ConfigError("a velocity needs a batch dimension, got a 0-dim tensor")
-    return v.reshape(v.shape[0], -1).to(dtype)
-
-
-def velocity_norm(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm ``||v_i||`` over all non-batch dimensions (CONVENTIONS "Norms and ratios").
-
-    Args:
-        v: velocity of shape ``(B, ...)`` in any layout (``(B, C, H, W)`` latents or ``(B, N, D)``
-            packed tokens give the same norms).
-
-    Returns:
-        Tensor of shape ``(B,)``, float32 (float64 when ``v`` is float64), on ``v``'s device.
-        Autograd is kept, so the result can enter a loss.
-    """
-    return torch.linalg.vector_norm(_flatten(v, _working_dtype(v)), ord=2, dim=1)
+__all__ = ["VelocityComparison", "compare_velocities"]
 
 
 @dataclass(frozen=True)
@@ -126,15 +100,13 @@ def compare_velocities(
         ConfigError: the shapes differ.
         NumericalError: a sample has a zero or non-finite norm (the ratio or cosine would be undefined).
     """
-    from ngdiag.probes.renorm import check_finite_norms  # renorm imports this module
-
     if v_theta.shape != v_ref.shape:
         raise ConfigError(
             f"v_theta and v_ref must have the same shape, got {tuple(v_theta.shape)} and {tuple(v_ref.shape)}"
         )
-    dtype = _working_dtype(v_theta, v_ref)
-    a = _flatten(v_theta.detach(), dtype)
-    b = _flatten(v_ref.detach(), dtype)
+    dtype = working_dtype(v_theta, v_ref)
+    a = per_sample(v_theta.detach(), dtype)
+    b = per_sample(v_ref.detach(), dtype)
     norm_theta = torch.linalg.vector_norm(a, dim=1)
     norm_ref = torch.linalg.vector_norm(b, dim=1)
     check_finite_norms(norm_theta, what="v_theta", step=step)

@@ -159,6 +159,11 @@ class StepRecorder:
         self._times, self._t_next = [], []
         self._rows = {name: [] for name in STORED}
 
+    @property
+    def num_steps(self) -> int:
+        """How many steps were added so far."""
+        return len(self._times)
+
     def add(self, t: float, t_next: float, comparisons: dict) -> None:
         missing = [c for c in self.calls if c not in comparisons]
         if missing:

@@ -8,8 +8,15 @@ Both interventions keep the direction of a velocity and replace its per-sample n
 - CFG renorm (eq. 2): ``v' = v_cfg * ||v_cond|| / ||v_cfg||``, the guided velocity brought back to the
   magnitude of the conditional one.
 
-A zero or non-finite norm is never turned into a silent NaN: :func:`check_finite_norms` raises
-:class:`~ngdiag.errors.NumericalError` naming the velocity, the step and the samples.
+:func:`rl_renorm` and :func:`cfg_renorm` work on tensors. In sampling they act as interventions of
+:func:`ngdiag.sampling.sample`, which hands them the step index: :func:`rl_renorm_intervention` (with
+a :class:`~ngdiag.probes.paired.PairedVelocity`, whose evaluation carries the reference's
+velocities) and :func:`cfg_renorm_intervention` (theta alone suffices). The live probe applies the
+same interventions inside a pipeline call, so both give the same images bit for bit.
+
+A zero or non-finite norm is never turned into a silent NaN:
+:func:`~ngdiag.core.tensors.check_finite_norms` raises :class:`~ngdiag.errors.NumericalError` naming
+the velocity, the step and the samples.
 
 Example:
     >>> import torch
@@ -20,56 +27,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError, sample_list
-from ngdiag.probes.metrics import velocity_norm
+from ngdiag.core.tensors import check_finite_norms, velocity_norm
+from ngdiag.errors import ConfigError
+from ngdiag.probes.paired import check_pair_finite
+from ngdiag.sampling import GuidedVelocity, VelocityEval
 
-__all__ = ["rl_renorm", "cfg_renorm", "check_finite_norms", "check_finite_tensor"]
+__all__ = ["rl_renorm", "cfg_renorm", "rl_renorm_intervention", "cfg_renorm_intervention", "RENORM_TARGETS"]
 
+#: What RL renormalization rescales: the guided velocity, or each call (cond, uncond) before guidance.
+RENORM_TARGETS = ("guided", "cond")
 
-
-def _where(step: Optional[int]) -> str:
-    return "" if step is None else f" at step {int(step)}"
-
-
-def check_finite_norms(norms: torch.Tensor, *, what: str, step: Optional[int] = None) -> None:
-    """Raise when any per-sample norm is zero or non-finite.
-
-    Args:
-        norms: per-sample norms, shape ``(B,)``.
-        what: the velocity's name for the message (``"v_theta"``, ``"v_cfg"``...).
-        step: step index for the message, if known.
-
-    Raises:
-        NumericalError: e.g. ``"v_theta has a zero or non-finite norm at step 3 for samples [0, 2]"``.
-    """
-    norms = torch.as_tensor(norms).detach()
-    bad = ~torch.isfinite(norms) | (norms == 0)
-    if bool(bad.any()):
-        raise NumericalError(f"{what} has a zero or non-finite norm{_where(step)} for samples {sample_list(bad)}")
-
-
-def check_finite_tensor(v: torch.Tensor, *, what: str, step: Optional[int] = None) -> None:
-    """Raise when any element of a velocity is NaN or infinite.
-
-    Args:
-        v: velocity of shape ``(B, ...)``.
-        what: the velocity's name for the message.
-        step: step index for the message, if known.
-
-    Raises:
-        NumericalError: e.g. ``"v_ref has non-finite values at step 3 for samples [1]"``, listing every
-            sample with at least one non-finite element.
-    """
-    v = v.detach()
-    if v.dim() == 0:
-        raise ConfigError(f"{what} needs a batch dimension, got a 0-dim tensor")
-    bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        raise NumericalError(f"{what} has non-finite values{_where(step)} for samples {sample_list(bad)}")
+Intervention = Callable[[int, torch.Tensor, VelocityEval], torch.Tensor]
 
 
 def _renorm(
@@ -122,3 +94,62 @@ def cfg_renorm(v_cfg: torch.Tensor, v_cond: torch.Tensor, *, step: Optional[int]
         NumericalError: ``v_cfg`` or ``v_cond`` has a zero or non-finite norm for some sample.
     """
     return _renorm(v_cfg, v_cond, what="v_cfg", target_what="v_cond", step=step)
+
+
+def rl_renorm_intervention(
+    on: str = "guided", *, guidance: Optional[GuidedVelocity] = None, sample_ids: Optional[Sequence[int]] = None
+) -> Intervention:
+    """RL renorm (eq. 3) as an intervention of :func:`ngdiag.sampling.sample` on a paired trajectory.
+
+    The step velocity must be a :class:`~ngdiag.probes.paired.PairedVelocity` (its evaluation
+    carries the reference's in ``extras["ref"]``). Every step first checks that theta's and ref's
+    guided velocities are finite (:func:`~ngdiag.probes.paired.check_pair_finite`), then applies
+
+    - ``on="guided"``: theta's guided velocity rescaled to the norm of ref's guided velocity;
+    - ``on="cond"``: theta's conditional and unconditional outputs each rescaled to ref's, then
+      ``guidance``'s own guidance (:meth:`~ngdiag.sampling.GuidedVelocity.guide`, Qwen-Image's
+      per-token rescale included).
+
+    Args:
+        on: ``"guided"`` or ``"cond"``.
+        guidance: theta's :class:`~ngdiag.sampling.GuidedVelocity`; needed for ``on="cond"``.
+        sample_ids: global sample ids for error messages.
+    """
+    if on not in RENORM_TARGETS:
+        raise ConfigError(f"renorm_on must be 'guided' or 'cond', got {on!r}")
+    if on == "cond" and guidance is None:
+        raise ConfigError("RL renormalization on 'cond' needs theta's guidance to combine the renormalized calls")
+
+    def intervene(step: int, t: torch.Tensor, ev: VelocityEval) -> torch.Tensor:
+        ref = _reference(ev)
+        check_pair_finite(ev, step=step, t=float(t[0]), sample_ids=sample_ids)
+        if on == "guided":
+            return rl_renorm(ev.guided, ref.guided, step=step)
+        cond = rl_renorm(ev.cond, ref.cond, step=step)
+        if ev.uncond is None:
+            return cond
+        return guidance.guide(cond, rl_renorm(ev.uncond, ref.uncond, step=step))
+
+    return intervene
+
+
+def cfg_renorm_intervention(*, sample_ids: Optional[Sequence[int]] = None) -> Intervention:
+    """CFG renorm (eq. 2) as an intervention of :func:`ngdiag.sampling.sample`: theta's guided velocity
+    rescaled to the norm of its own conditional output.
+
+    It needs no reference: the step velocity may be theta's :class:`~ngdiag.sampling.GuidedVelocity`
+    or a :class:`~ngdiag.probes.paired.PairedVelocity` (both give the same steps). The guided
+    velocities are checked to be finite first (theta's, and ref's when present).
+    """
+
+    def intervene(step: int, t: torch.Tensor, ev: VelocityEval) -> torch.Tensor:
+        check_pair_finite(ev, step=step, t=float(t[0]), sample_ids=sample_ids)
+        return cfg_renorm(ev.guided, ev.cond, step=step)
+
+    return intervene
+
+
+def _reference(ev: VelocityEval) -> VelocityEval:
+    if "ref" not in ev.extras:
+        raise ConfigError("RL renormalization needs the reference's velocity: sample with a PairedVelocity")
+    return ev.extras["ref"]

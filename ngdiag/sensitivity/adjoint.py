@@ -15,11 +15,15 @@ Scaling every step's velocity by ``(1 + eps)`` changes the reward by
 
 Two methods compute ``S``:
 
-- ``"discrete"``: the exact gradient of the Euler sampler. The forward pass runs without a
-  graph and stores ``x_0 ... x_K``; the backward walk recomputes the velocity at one step at a
-  time under autograd and takes one vector-Jacobian product (VJP) per step, so activation
-  memory does not grow with ``K`` (``checkpoint=True``). With ``checkpoint=False`` the whole
-  sampler is differentiated in one graph instead (no recomputation, memory grows with ``K``).
+- ``"discrete"``: the exact gradient of the Euler sampler the audit uses, :func:`ngdiag.sampling.sample`
+  itself (the same schedule check, velocity call, :func:`~ngdiag.sampling.euler_step` and casts:
+  its final samples equal ``sample(velocity, x_init, times).x_final`` bit for bit). The forward
+  pass runs ``sample`` without a graph and keeps ``x_0 ... x_K``; the backward walk recomputes one
+  step at a time under autograd, the velocity with :func:`~ngdiag.sampling.velocity_at` and the
+  update with :func:`~ngdiag.sampling.euler_step`, and takes one vector-Jacobian product (VJP) per
+  step, so activation memory does not grow with ``K`` (``checkpoint=True``); the adjoint is
+  accumulated in at least float32. With ``checkpoint=False`` autograd differentiates the whole
+  ``sample(..., enable_grad=True)`` run in one graph instead (no recomputation, memory grows with ``K``).
 - ``"continuous"``: the adjoint of the ODE itself, with :func:`torchdiffeq.odeint_adjoint`.
   Each interval ``[t_{k+1}, t_k]`` is integrated with the field ``s_k v(x, t)`` where ``s_k``
   (one per sample) is 1; then ``S_k = (dR/ds_k) / |t_{k+1} - t_k|``, the interval average of
@@ -57,7 +61,9 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torchdiffeq import odeint_adjoint
 
-from ngdiag.errors import ConfigError, NgdiagError, NumericalError, sample_list
+from ngdiag.core.tensors import check_finite
+from ngdiag.errors import ConfigError, NgdiagError, NumericalError
+from ngdiag.sampling import StepRecord, batch_time, check_schedule, euler_step, sample, velocity_at
 from ngdiag.sensitivity.result import SensitivityResult
 
 __all__ = ["norm_sensitivity", "FIXED_GRID_SOLVERS", "ADAPTIVE_SOLVERS"]
@@ -98,9 +104,10 @@ def norm_sensitivity(
             (in ``x``'s dtype and device). It may close over conditioning and classifier-free
             guidance: pass the velocity the sampler applies. An ``nn.Module`` is fine; gradients
             are taken with respect to inputs only, so no parameter ``.grad`` is accumulated.
-        x_init: ``(B, ...)`` noise at ``times[0]``. The sampler runs in its dtype.
+        x_init: ``(B, ...)`` noise at ``times[0]``. The sampler runs in its dtype (and, as diffusers'
+            scheduler does, continues in the velocity's dtype after the first step).
         times: ``(K + 1,)`` strictly decreasing times in ``[0, 1]`` (a diffusers sigma schedule,
-            ``t_0 = 1`` is noise, ``t_K = 0`` data).
+            ``t_0 = 1`` is noise, ``t_K = 0`` data), checked by :func:`ngdiag.sampling.check_schedule`.
         reward: ``R(x_K) -> (B,)``, one differentiable reward per sample (it may decode latents).
         method: ``"discrete"`` (exact gradient of the Euler sampler) or ``"continuous"``
             (:func:`torchdiffeq.odeint_adjoint` on the ODE).
@@ -157,19 +164,7 @@ def _check_inputs(x_init, times, method, solver, continuous_substeps, rtol, atol
         raise ConfigError(f"x_init must be a non-empty tensor of shape (B, ...), got {shape}")
     if not x_init.is_floating_point():
         raise ConfigError(f"x_init must be a floating-point tensor, got {x_init.dtype}")
-    if not isinstance(times, torch.Tensor):
-        times = torch.as_tensor(times, dtype=torch.float64)
-    if not times.is_floating_point():
-        raise ConfigError(f"times must be a floating-point tensor, got {times.dtype}")
-    if times.dim() != 1 or times.numel() < 2:
-        raise ConfigError(f"times must be a 1-D tensor of at least 2 values, got shape {tuple(times.shape)}")
-    times = times.detach().cpu()
-    if not torch.isfinite(times).all():
-        raise ConfigError("times contains non-finite values")
-    if not (times[1:] < times[:-1]).all():
-        raise ConfigError("times must be strictly decreasing (t=1 is noise, t=0 is data)")
-    if times.min() < 0 or times.max() > 1:
-        raise ConfigError("times must lie in [0, 1] (diffusers sigmas, not timesteps in 0..1000)")
+    times = check_schedule(times).detach().cpu()
     if method == "continuous":
         if solver not in FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS:
             raise ConfigError(
@@ -182,62 +177,27 @@ def _check_inputs(x_init, times, method, solver, continuous_substeps, rtol, atol
     return times
 
 
-def _samples(bad: torch.Tensor) -> str:
-    """``bad``: (B,) bool -> 'samples [0, 3]'."""
-    return f"samples {sample_list(bad)}"
-
-
-def _not_finite(x: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: samples with any non-finite element."""
-    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-
-
-def _time_batch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.to(device=x.device, dtype=x.dtype).reshape(()).expand(x.shape[0])
-
-
-def _evaluate(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, where: Callable[[], str]) -> torch.Tensor:
-    """Call the velocity and check what it returns; ``where()`` names the step in messages."""
-    v = _as_tensor(velocity(x, t))
-    if not isinstance(v, torch.Tensor):
-        raise ConfigError(f"the velocity must return a tensor, got {type(v).__name__} {where()}")
-    if v.shape != x.shape:
-        raise ConfigError(f"the velocity returned shape {tuple(v.shape)} {where()}, expected {tuple(x.shape)} like x")
-    bad = _not_finite(v)
-    if bad.any():
-        raise NumericalError(f"the velocity is not finite {where()} for {_samples(bad)}")
-    return v
-
-
-def _as_tensor(v):
-    """Accept an ``ngdiag.sampling.VelocityEval`` (what ``GuidedVelocity`` returns) as its applied velocity."""
-    if not isinstance(v, torch.Tensor) and isinstance(getattr(v, "step_velocity", None), torch.Tensor):
-        return v.step_velocity
-    return v
-
-
 def _at_step(k: int, times: torch.Tensor) -> str:
     return f"at step {k} (t={float(times[k]):.4g})"
 
 
-def _euler_step(x: torch.Tensor, v: torch.Tensor, dt: float) -> torch.Tensor:
-    """``x + dt v`` computed in at least float32 and returned in ``x``'s dtype (as diffusers does)."""
-    work = torch.promote_types(x.dtype, torch.float32)
-    return (x.to(work) + dt * v.to(work)).to(x.dtype)
+def _checked_steps(times: torch.Tensor, needs_grad: bool) -> Callable[[StepRecord], None]:
+    """Step callback: the applied velocity is finite and, for a graph, carries a gradient."""
 
+    def check(step: StepRecord) -> None:
+        v = step.velocity.step_velocity
+        check_finite(v, f"the velocity is not finite {_at_step(step.step, times)}")
+        if needs_grad and not v.requires_grad:
+            raise _no_gradient(step.step, times)
 
-def _step_size(times: torch.Tensor, k: int) -> float:
-    """``t_{k+1} - t_k`` (negative) computed in the schedule's dtype, as the scheduler does."""
-    return (times[k + 1] - times[k]).item()
+    return check
 
 
 def _check_reward(R, batch: int) -> torch.Tensor:
     if not isinstance(R, torch.Tensor) or tuple(R.shape) != (batch,):
         got = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
         raise ConfigError(f"the reward must return a tensor of shape ({batch},), one value per sample, got {got}")
-    bad = ~torch.isfinite(R.detach())
-    if bad.any():
-        raise NumericalError(f"the reward is not finite for {_samples(bad)}")
+    check_finite(R, "the reward is not finite")
     if not R.requires_grad:
         raise NgdiagError(_ZERO_GRADIENT)
     return R
@@ -246,11 +206,7 @@ def _check_reward(R, batch: int) -> torch.Tensor:
 def _check_reward_gradient(a: Optional[torch.Tensor], final_step: int) -> torch.Tensor:
     if a is None or not bool(a.detach().ne(0).any()):
         raise NgdiagError(_ZERO_GRADIENT)
-    bad = _not_finite(a)
-    if bad.any():
-        raise NumericalError(
-            f"the reward gradient is not finite at the final state (step {final_step}) for {_samples(bad)}"
-        )
+    check_finite(a, f"the reward gradient is not finite at the final state (step {final_step})")
     return a
 
 
@@ -276,25 +232,10 @@ def _applied_velocity(states: List[torch.Tensor], times64: torch.Tensor, k: int)
 # ----------------------------------------------------------------------------------------------
 
 
-def _euler_states(
-    velocity: Velocity, x_init: torch.Tensor, times: torch.Tensor, enable_grad: bool
-) -> List[torch.Tensor]:
-    states = [x_init]
-    x = x_init
-    with torch.set_grad_enabled(enable_grad):
-        for k in range(times.numel() - 1):
-            v = _evaluate(velocity, x, _time_batch(times[k], x), lambda: _at_step(k, times))
-            if enable_grad and not v.requires_grad:
-                raise _no_gradient(k, times)
-            x = _euler_step(x, v, _step_size(times, k))
-            states.append(x)
-    return states
-
-
 def _discrete_checkpointed(velocity, x_init, times, reward, keep_adjoints):
     steps, batch = times.numel() - 1, x_init.shape[0]
     times64 = times.double()
-    states = _euler_states(velocity, x_init, times, enable_grad=False)
+    states = sample(velocity, x_init, times, callback=_checked_steps(times, False), keep_states=True).states
 
     x_final = states[-1].detach().requires_grad_(True)
     with torch.enable_grad():
@@ -303,44 +244,54 @@ def _discrete_checkpointed(velocity, x_init, times, reward, keep_adjoints):
     a = _check_reward_gradient(a, steps)
 
     # Accumulate the adjoint in at least float32 even when the model runs in half precision.
-    a = a.to(torch.promote_types(x_init.dtype, torch.float32))
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
     adjoints = [a]
     S = torch.empty(steps, batch, dtype=torch.float64)
     for k in reversed(range(steps)):
         S[k] = _dot(a, _applied_velocity(states, times64, k))
         if k == 0 and not keep_adjoints:
             break  # a_0 is not needed for S (S_k uses a_{k+1}): skip the last VJP
-        x = states[k].detach().requires_grad_(True)
-        with torch.enable_grad():
-            v = _as_tensor(velocity(x, _time_batch(times[k], x)))
-            if not v.requires_grad:
-                raise _no_gradient(k, times)
-            (vjp,) = torch.autograd.grad(v, x, grad_outputs=a.to(v.dtype), allow_unused=True)
-        if vjp is not None:
-            a = a + _step_size(times, k) * vjp.to(a.dtype)
-        bad = _not_finite(a)
-        if bad.any():
-            raise NumericalError(f"the adjoint is not finite {_at_step(k, times)} for {_samples(bad)}")
+        a = _adjoint_step(velocity, states[k], times, k, a)
         if keep_adjoints:
             adjoints.append(a)
     adjoints.reverse()
     return states[-1], R.detach().to("cpu", torch.float64), adjoints, S
 
 
+def _adjoint_step(velocity, x_k: torch.Tensor, times: torch.Tensor, k: int, a: torch.Tensor) -> torch.Tensor:
+    """``a_k = a_{k+1} + J_k^T a_{k+1}`` with ``J_k`` the Jacobian of step ``k``'s update ``dt_k v(x_k, t_k)``.
+
+    The step is recomputed under autograd exactly as :func:`~ngdiag.sampling.sample` took it
+    (:func:`~ngdiag.sampling.velocity_at`, :func:`~ngdiag.sampling.euler_step`). The state's own
+    path through the step contributes the identity, added here in the adjoint's precision.
+    """
+    x = x_k.detach().requires_grad_(True)
+    with torch.enable_grad():
+        v = velocity_at(velocity, x, batch_time(times[k], x), lambda: _at_step(k, times)).step_velocity
+        if not v.requires_grad:
+            raise _no_gradient(k, times)
+        x_next = euler_step(x.detach(), v, times[k].to(x.device), times[k + 1].to(x.device))
+        (vjp,) = torch.autograd.grad(x_next, x, grad_outputs=a.to(x_next.dtype), allow_unused=True)
+    if vjp is not None:
+        a = a + vjp.to(a.dtype)
+    check_finite(a, f"the adjoint is not finite {_at_step(k, times)}")
+    return a
+
+
 def _discrete_full_graph(velocity, x_init, times, reward):
     steps, batch = times.numel() - 1, x_init.shape[0]
     times64 = times.double()
     with torch.enable_grad():
-        states = _euler_states(velocity, x_init.requires_grad_(True), times, enable_grad=True)
+        run = sample(velocity, x_init.requires_grad_(True), times, callback=_checked_steps(times, True),
+                     enable_grad=True, keep_states=True)
+        states = run.states
         R = _check_reward(reward(states[-1]), batch)
         adjoints = list(torch.autograd.grad(R.sum(), states, allow_unused=True))
     _check_reward_gradient(adjoints[-1], steps)
     for k in reversed(range(steps)):
         if adjoints[k] is None:  # unreachable unless the velocity ignores x
             adjoints[k] = torch.zeros_like(states[k])
-        bad = _not_finite(adjoints[k])
-        if bad.any():
-            raise NumericalError(f"the adjoint is not finite {_at_step(k, times)} for {_samples(bad)}")
+        check_finite(adjoints[k], f"the adjoint is not finite {_at_step(k, times)}")
     states = [x.detach() for x in states]
     S = torch.stack([_dot(adjoints[k + 1], _applied_velocity(states, times64, k)) for k in range(steps)])
     return states[-1], R.detach().to("cpu", torch.float64), adjoints, S
@@ -361,7 +312,9 @@ class _ScaledField:
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        v = _evaluate(self.velocity, x, _time_batch(t, x), lambda: f"{self.where} at t={float(t):.4g}")
+        where = f"{self.where} at t={float(t):.4g}"
+        v = velocity_at(self.velocity, x, batch_time(t, x), lambda: where).step_velocity
+        check_finite(v, f"the velocity is not finite {where}")
         return self.scale.reshape((-1,) + (1,) * (x.dim() - 1)).to(v.dtype) * v.to(x.dtype)
 
 
@@ -411,9 +364,7 @@ def _continuous(velocity, x_init, times, reward, solver, substeps, rtol, atol, k
             a, dR_ds = torch.autograd.grad(ends[k], (starts[k], scales[k]), grad_outputs=a)
         except AssertionError as err:
             raise NumericalError(f"the ODE solver failed on the adjoint {where}: {err}") from None
-        bad = _not_finite(a) | ~torch.isfinite(dR_ds)
-        if bad.any():
-            raise NumericalError(f"the adjoint is not finite {where} for {_samples(bad)}")
+        check_finite((a, dR_ds), f"the adjoint is not finite {where}")
         S[k] = dR_ds.detach().double().cpu() / abs(float(times64[k + 1] - times64[k]))
         if keep_adjoints:
             adjoints.append(a)
