@@ -200,7 +200,7 @@ def _library_verbosity_error() -> None:
             log.disable_progress_bar()
 
 
-def _quiet_third_party() -> None:
+def quiet_third_party() -> None:
     """Silence the progress bars, log lines and warnings of diffusers, transformers and peft for good.
 
     For scripts that build models before calling :func:`main` (``python -m ngdiag.demo``); it

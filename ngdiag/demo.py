@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ngdiag.cli import _quiet_third_party, main as cli_main
+from ngdiag.cli import main as cli_main, quiet_third_party
+from ngdiag.models.families import FAMILIES
 
 
 def build_demo_models(root: Path, family: str = "sd3", scale: float = 1.08) -> tuple[Path, Path]:
@@ -30,10 +31,10 @@ def build_demo_models(root: Path, family: str = "sd3", scale: float = 1.08) -> t
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", help="folder for the tiny models and the audit")
-    parser.add_argument("--family", default="sd3", choices=["sd3", "flux", "flux2-klein", "qwenimage"])
+    parser.add_argument("--family", default="sd3", choices=list(FAMILIES))
     parser.add_argument("--scale", type=float, default=1.08, help="planted velocity scale")
     args = parser.parse_args(argv)
-    _quiet_third_party()
+    quiet_third_party()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     base, finetune = build_demo_models(root / "models", args.family, args.scale)

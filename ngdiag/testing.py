@@ -33,8 +33,6 @@ import torch
 
 from ngdiag.errors import ConfigError
 
-FAMILIES = ("sd3", "flux", "flux-schnell", "flux2-klein", "qwenimage")
-
 _QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -186,170 +184,132 @@ def tiny_pipeline(family: str = "sd3", *, seed: int = 0):
         family: one of :data:`FAMILIES`.
         seed: seed for every component's initialisation.
     """
-    pipe = _build_tiny_pipeline(family, seed)
+    build = _TINY_BUILDERS.get(family)
+    if build is None:
+        raise ConfigError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    pipe = build(seed)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     return pipe
 
 
-def _build_tiny_pipeline(family: str, seed: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _seeded(seed: int, build, *args, **kwargs):
+    """``build(*args, **kwargs)`` right after ``torch.manual_seed(seed)``: each component's own seed."""
+    torch.manual_seed(seed)
+    return build(*args, **kwargs)
 
-    if family == "sd3":
-        from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-        from transformers import CLIPTextModelWithProjection
 
-        torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            caption_projection_dim=32,
-            joint_attention_dim=32,
-            pooled_projection_dim=64,
-            out_channels=4,
-        )
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModelWithProjection(_clip_text_config(True))
-        torch.manual_seed(seed + 1)
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(True))
-        torch.manual_seed(seed)
-        text_encoder_3 = _tiny_t5_encoder()
-        torch.manual_seed(seed)
-        vae = _tiny_vae(AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035)
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        return StableDiffusion3Pipeline(
-            scheduler=scheduler,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            text_encoder_3=text_encoder_3,
-            tokenizer=tiny_clip_tokenizer(),
-            tokenizer_2=tiny_clip_tokenizer(),
-            tokenizer_3=tiny_t5_tokenizer(),
-            transformer=transformer,
-            vae=vae,
-        )
+#: the FLUX.1 / FLUX.2 transformer size shared by the tiny FLUX pipelines
+_TINY_PACKED_TRANSFORMER = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32,
+)
 
-    if family in ("flux", "flux-schnell"):
-        from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-        from transformers import CLIPTextModel
 
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            axes_dims_rope=[4, 4, 8],
-            guidance_embeds=(family == "flux"),
-        )
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_text_config(False))
-        torch.manual_seed(seed)
-        text_encoder_2 = _tiny_t5_encoder()
-        torch.manual_seed(seed)
-        vae = _tiny_vae(AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035)
-        scheduler = _dynamic_shift_scheduler()
-        return FluxPipeline(
-            scheduler=scheduler,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tiny_clip_tokenizer(),
-            tokenizer_2=tiny_t5_tokenizer(),
-            transformer=transformer,
-            vae=vae,
-        )
+def _tiny_sd3(seed: int):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
 
-    if family == "flux2-klein":
-        from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+    transformer = _seeded(
+        seed, SD3Transformer2DModel, sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=_seeded(seed, CLIPTextModelWithProjection, _clip_text_config(True)),
+        text_encoder_2=_seeded(seed + 1, CLIPTextModelWithProjection, _clip_text_config(True)),
+        text_encoder_3=_seeded(seed, _tiny_t5_encoder),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        tokenizer_3=tiny_t5_tokenizer(),
+        transformer=transformer,
+        vae=_seeded(seed, _tiny_vae, AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035),
+    )
 
-        torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            timestep_guidance_channels=256,
-            axes_dims_rope=[4, 4, 4, 4],
-            guidance_embeds=False,
-        )
-        config = Qwen3Config(
-            intermediate_size=16,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=300,
-            max_position_embeddings=512,
-        )
-        torch.manual_seed(seed)
-        text_encoder = Qwen3ForCausalLM(config)
-        torch.manual_seed(seed)
-        vae = _tiny_vae(AutoencoderKLFlux2)
-        scheduler = _dynamic_shift_scheduler()
-        return Flux2KleinPipeline(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tiny_qwen_tokenizer(),
-            transformer=transformer,
-        )
 
-    if family == "qwenimage":
-        from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _tiny_flux(seed: int, *, guidance_embeds: bool = True):
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
-        torch.manual_seed(seed)
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=16,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=3,
-            joint_attention_dim=16,
-            guidance_embeds=False,
-            axes_dims_rope=(8, 4, 4),
-        )
-        torch.manual_seed(seed)
-        vae = AutoencoderKLQwenImage(
-            base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-        )
-        tokenizer = tiny_qwen_tokenizer(QWEN_IMAGE_TEMPLATE_WORDS)
-        text_config = {
-            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": 300,
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-        }
-        config = Qwen2_5_VLConfig(
-            text_config=text_config,
-            vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-            hidden_size=16, vocab_size=300, vision_end_token_id=297, vision_start_token_id=298, vision_token_id=299,
-            bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(seed)
-        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
-        scheduler = _dynamic_shift_scheduler()
-        return QwenImagePipeline(
-            transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
-        )
+    transformer = _seeded(
+        seed, FluxTransformer2DModel, **_TINY_PACKED_TRANSFORMER, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )
+    return FluxPipeline(
+        scheduler=_dynamic_shift_scheduler(),
+        text_encoder=_seeded(seed, CLIPTextModel, _clip_text_config(False)),
+        text_encoder_2=_seeded(seed, _tiny_t5_encoder),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
+        vae=_seeded(seed, _tiny_vae, AutoencoderKL, shift_factor=0.0609, scaling_factor=1.5035),
+    )
 
-    raise ConfigError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+def _tiny_flux2_klein(seed: int):
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    transformer = _seeded(
+        seed, Flux2Transformer2DModel, **_TINY_PACKED_TRANSFORMER, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )
+    config = Qwen3Config(
+        intermediate_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=300, max_position_embeddings=512,
+    )
+    return Flux2KleinPipeline(
+        scheduler=_dynamic_shift_scheduler(),
+        text_encoder=_seeded(seed, Qwen3ForCausalLM, config),
+        vae=_seeded(seed, _tiny_vae, AutoencoderKLFlux2),
+        tokenizer=tiny_qwen_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def _tiny_qwenimage(seed: int):
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    transformer = _seeded(
+        seed, QwenImageTransformer2DModel, patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    vae = _seeded(
+        seed, AutoencoderKLQwenImage, base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+        temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )
+    tokenizer = tiny_qwen_tokenizer(QWEN_IMAGE_TEMPLATE_WORDS)
+    text_config = {
+        "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": 300,
+        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=300, vision_end_token_id=297, vision_start_token_id=298, vision_token_id=299,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return QwenImagePipeline(
+        transformer=transformer, vae=vae, scheduler=_dynamic_shift_scheduler(),
+        text_encoder=_seeded(seed, Qwen2_5_VLForConditionalGeneration, config), tokenizer=tokenizer,
+    )
+
+
+#: A tiny builder for every family of :data:`ngdiag.models.families.FAMILIES`, plus ``"flux-schnell"``
+#: (FLUX.1 without guidance embedding).
+_TINY_BUILDERS = {
+    "sd3": _tiny_sd3,
+    "flux": _tiny_flux,
+    "flux-schnell": lambda seed: _tiny_flux(seed, guidance_embeds=False),
+    "flux2-klein": _tiny_flux2_klein,
+    "qwenimage": _tiny_qwenimage,
+}
+FAMILIES = tuple(_TINY_BUILDERS)
 
 
 #: Call arguments that make the tiny pipelines fast and valid (image size, sequence length).

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ngdiag.models.families import adapter_for
+from ngdiag.models.families import FAMILIES, FamilyVelocity, adapter_for, family_of_pipeline, family_of_transformer
 from ngdiag.sampling import GuidedVelocity, euler_step, sample
-from ngdiag.testing import TINY_CALL_KWARGS, tiny_pipeline
+from ngdiag.testing import FAMILIES as TINY_FAMILIES, TINY_CALL_KWARGS, tiny_pipeline
 
 
 def test_euler_on_linear_field_matches_closed_form():
@@ -161,3 +161,27 @@ def test_tiny_qwen_image_template_cut_keeps_the_prompt(tmp_path):
         ids = tok(pipe.prompt_template_encode.format("a red cube")).input_ids
         kept = tok.decode(ids[pipe.prompt_template_encode_start_idx:])
         assert kept.startswith("a red cube<|im_end|>"), kept
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_registry_names_the_diffusers_classes_it_serves(family):
+    # One registry: each family's adapter names the pipeline and transformer classes it serves, and
+    # ngdiag.testing has a tiny pipeline of exactly those classes (a new family cannot miss either).
+    adapter_cls = FAMILIES[family]
+    assert family in TINY_FAMILIES and family in TINY_CALL_KWARGS
+    pipe = tiny_pipeline(family)
+    assert type(pipe).__name__ == adapter_cls.pipeline_class
+    assert type(pipe.transformer).__name__ == adapter_cls.transformer_class
+    assert family_of_pipeline(adapter_cls.pipeline_class) == family
+    assert family_of_transformer(adapter_cls.transformer_class) == family
+    assert type(adapter_for(pipe)) is adapter_cls and adapter_cls.title
+
+
+def test_unknown_family_is_refused():
+    from ngdiag.errors import CheckpointError, ConfigError
+
+    with pytest.raises(ConfigError, match=r"^unknown family 'sdxl'; choose one of sd3, flux, flux2-klein, qwenimage$"):
+        FamilyVelocity(torch.nn.Identity(), "sdxl")
+    assert family_of_pipeline("StableDiffusionXLPipeline") is None
+    with pytest.raises(CheckpointError, match="ngdiag supports StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, QwenImagePipeline"):
+        adapter_for(torch.nn.Identity())

@@ -1,10 +1,12 @@
-"""Family adapters: what differs between SD3, FLUX.1 and FLUX.2-klein pipelines.
+"""Family adapters: what differs between SD3, FLUX.1, FLUX.2-klein and Qwen-Image pipelines.
 
-An adapter wraps a loaded diffusers pipeline and gives ngdiag one interface to it:
+:data:`FAMILIES` is the one registry of supported families (key -> adapter class; each adapter names
+its title and diffusers pipeline and transformer classes). An adapter wraps a loaded diffusers
+pipeline and gives ngdiag one interface to it:
 
 - :meth:`FamilyAdapter.velocity_model` turns a transformer into a :class:`FamilyVelocity`
   that follows the velocity contract ``v = model(x, t, **cond)`` with ``t`` in ``[0, 1]``
-  (the adapter converts to the family's timestep scale and sign);
+  (the adapter's :meth:`FamilyAdapter.call_transformer` is the family's own transformer call);
 - :meth:`FamilyAdapter.encode` encodes prompts with the pipeline's own ``encode_prompt``;
 - :meth:`FamilyAdapter.prepare_latents` draws the initial noise with the pipeline's own
   ``prepare_latents`` (same generators, same shapes, packed where the family packs);
@@ -41,6 +43,9 @@ __all__ = [
     "QwenImageAdapter",
     "adapter_for",
     "family_of_pipeline",
+    "family_of_transformer",
+    "supported_pipelines",
+    "FAMILIES",
     "SUPPORTED_FAMILIES",
 ]
 
@@ -111,55 +116,23 @@ class Conditioning:
 class FamilyVelocity(torch.nn.Module):
     """A transformer under the velocity contract ``v = model(x, t, **cond)``.
 
-    ``t`` is the flow time in ``[0, 1]`` of shape ``(B,)``; the family's timestep is computed
-    from it with the same float operations as the pipeline (``t * 1000`` for SD3,
-    ``(t * 1000) / 1000`` for FLUX), and a negated output (Z-Image, Lumina2, HiDream style) is
-    flipped by ``sign``.
+    ``t`` is the flow time in ``[0, 1]`` of shape ``(B,)``; the family adapter's
+    :meth:`FamilyAdapter.call_transformer` turns it into the family's timestep with the same float
+    operations as the pipeline (``t * 1000`` for SD3, ``(t * 1000) / 1000`` for FLUX), and a
+    negated output (Z-Image, Lumina2, HiDream style) is flipped by ``sign``.
     """
 
     def __init__(self, transformer: torch.nn.Module, family: str, num_train_timesteps: int = 1000, sign: float = 1.0):
         super().__init__()
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
         self.transformer = transformer
         self.family = family
         self.num_train_timesteps = num_train_timesteps
         self.sign = sign
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        timestep = t * self.num_train_timesteps
-        if self.family == "qwenimage":
-            out = self.transformer(
-                hidden_states=x,
-                timestep=timestep.to(x.dtype) / 1000,
-                guidance=cond.get("guidance"),
-                encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
-                encoder_hidden_states=cond["encoder_hidden_states"],
-                img_shapes=cond["img_shapes"],
-                return_dict=False,
-            )[0]
-        elif self.family == "sd3":
-            out = self.transformer(
-                hidden_states=x,
-                timestep=timestep,
-                encoder_hidden_states=cond["encoder_hidden_states"],
-                pooled_projections=cond["pooled_projections"],
-                return_dict=False,
-            )[0]
-        else:
-            n_img = x.shape[1]
-            hidden = x.to(self.transformer.dtype)
-            kwargs = dict(
-                hidden_states=hidden,
-                timestep=timestep.to(x.dtype) / 1000,
-                guidance=cond.get("guidance"),
-                encoder_hidden_states=cond["encoder_hidden_states"],
-                txt_ids=cond["txt_ids"],
-                img_ids=cond["img_ids"],
-                return_dict=False,
-            )
-            if self.family == "flux":
-                kwargs["pooled_projections"] = cond["pooled_projections"]
-            out = self.transformer(**kwargs)[0]
-            out = out[:, :n_img]
+        out = FAMILIES[self.family].call_transformer(self.transformer, x, t * self.num_train_timesteps, cond)
         return out if self.sign == 1.0 else self.sign * out
 
 
@@ -185,7 +158,13 @@ def _calculate_shift_mu(pipe, image_seq_len: int, default_max_shift: float) -> f
 class FamilyAdapter:
     """Base adapter; subclasses fill in the family's differences."""
 
+    #: the family's key in :data:`FAMILIES` (``--family``, ``summary.json``)
     name: str = ""
+    #: how people call the family
+    title: str = ""
+    #: the diffusers class names this adapter serves
+    pipeline_class: str = ""
+    transformer_class: str = ""
     cfg_batched: bool = False
 
     def __init__(self, pipe):
@@ -219,9 +198,8 @@ class FamilyAdapter:
         """Raise :class:`ConfigError` for an image size the pipeline would refuse or silently round down."""
         multiple = self.size_multiple()
         if height % multiple or width % multiple:
-            family = SUPPORTED_FAMILIES.get(self.name, self.name)
             raise ConfigError(
-                f"height and width must be multiples of {multiple} for this {family} pipeline, got {height}x{width} "
+                f"height and width must be multiples of {multiple} for this {self.title} pipeline, got {height}x{width} "
                 f"(e.g. {max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)})"
             )
 
@@ -233,8 +211,28 @@ class FamilyAdapter:
         length = call_kwargs.get("max_sequence_length")
         limit = self.max_sequence_length_limit
         if length is not None and limit is not None and int(length) > limit:
-            family = SUPPORTED_FAMILIES.get(self.name, self.name)
-            raise ConfigError(f"max_sequence_length must be at most {limit} for {family} pipelines, got {length}")
+            raise ConfigError(f"max_sequence_length must be at most {limit} for {self.title} pipelines, got {length}")
+
+    # ----- transformer call -----
+    #: the conditioning entries the transformer takes as keyword arguments
+    transformer_inputs: tuple[str, ...] = ()
+    #: the transformer takes ``t`` in ``[0, 1]`` (``timestep / 1000`` in the state's dtype) and a
+    #: ``guidance`` input (FLUX.1, FLUX.2, Qwen-Image); otherwise ``timestep = t * 1000`` (SD3)
+    unit_timestep: bool = False
+    #: the state is packed tokens cast to the transformer's dtype, and the output is cut to the
+    #: image tokens (FLUX.1, FLUX.2)
+    packed_tokens: bool = False
+
+    @classmethod
+    def call_transformer(cls, transformer: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The transformer's output at ``x`` with the pipeline's own call (``timestep = t * 1000``)."""
+        kwargs = {key: cond[key] for key in cls.transformer_inputs}
+        if cls.unit_timestep:
+            timestep = timestep.to(x.dtype) / 1000
+            kwargs["guidance"] = cond.get("guidance")
+        hidden = x.to(transformer.dtype) if cls.packed_tokens else x
+        out = transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)[0]
+        return out[:, : x.shape[1]] if cls.packed_tokens else out
 
     # ----- schedule -----
     def _mu(self, image_seq_len: int, num_steps: int) -> Optional[float]:
@@ -267,6 +265,17 @@ class FamilyAdapter:
     def encode(self, prompts, guidance_scale: float, *, negative_prompt: Optional[str] = None, **call_kwargs) -> Conditioning:
         raise NotImplementedError
 
+    def _encode_with_separate_calls(self, prompts, guidance_scale: float, negative_prompt: str, keys: tuple[str, ...], **kw):
+        """``(cond, uncond, do_cfg)`` from two ``encode_prompt`` calls: the prompts, and the negative prompt
+        when CFG is on (families that run CFG as separate transformer calls)."""
+
+        def encode(texts: list[str]) -> dict:
+            return dict(zip(keys, self.pipe.encode_prompt(prompt=texts, device=self.device, **kw)))
+
+        cond = encode(list(prompts))
+        do_cfg = self.uses_cfg(guidance_scale)
+        return cond, encode([negative_prompt] * len(prompts)) if do_cfg else None, do_cfg
+
     def prepare_latents(self, batch_size: int, height: int, width: int, generator, **kw) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -287,6 +296,10 @@ class SD3Adapter(FamilyAdapter):
     """StableDiffusion3Pipeline (SD3 / SD3.5): CLIP-L + CLIP-G + T5, batched CFG, static shift."""
 
     name = "sd3"
+    title = "SD3 / SD3.5"
+    pipeline_class = "StableDiffusion3Pipeline"
+    transformer_class = "SD3Transformer2DModel"
+    transformer_inputs = ("encoder_hidden_states", "pooled_projections")
     cfg_batched = True
 
     def size_multiple(self):
@@ -342,6 +355,11 @@ class FluxAdapter(FamilyAdapter):
     """
 
     name = "flux"
+    title = "FLUX.1"
+    pipeline_class = "FluxPipeline"
+    transformer_class = "FluxTransformer2DModel"
+    transformer_inputs = ("encoder_hidden_states", "txt_ids", "img_ids", "pooled_projections")
+    unit_timestep = packed_tokens = True
     linear_sigmas = True
 
     def uses_cfg(self, guidance_scale):
@@ -379,6 +397,11 @@ class Flux2KleinAdapter(FamilyAdapter):
     """Flux2KleinPipeline (FLUX.2-klein): Qwen3 text encoder, CFG with separate calls, empirical ``mu``."""
 
     name = "flux2-klein"
+    title = "FLUX.2-klein"
+    pipeline_class = "Flux2KleinPipeline"
+    transformer_class = "Flux2Transformer2DModel"
+    transformer_inputs = ("encoder_hidden_states", "txt_ids", "img_ids")
+    unit_timestep = packed_tokens = True
     linear_sigmas = True
 
     def uses_cfg(self, guidance_scale):
@@ -406,16 +429,10 @@ class Flux2KleinAdapter(FamilyAdapter):
             )
 
     def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, text_encoder_out_layers=(9, 18, 27), **_):
-        pipe = self.pipe
-        kw = dict(device=self.device, max_sequence_length=max_sequence_length, text_encoder_out_layers=tuple(text_encoder_out_layers))
-        pe, text_ids = pipe.encode_prompt(prompt=list(prompts), **kw)
-        cond = {"encoder_hidden_states": pe, "txt_ids": text_ids}
-        uncond = None
-        do_cfg = self.uses_cfg(guidance_scale)
-        if do_cfg:
-            neg = "" if negative_prompt is None else negative_prompt
-            npe, ntext_ids = pipe.encode_prompt(prompt=[neg] * len(prompts), **kw)
-            uncond = {"encoder_hidden_states": npe, "txt_ids": ntext_ids}
+        cond, uncond, do_cfg = self._encode_with_separate_calls(
+            prompts, guidance_scale, "" if negative_prompt is None else negative_prompt, ("encoder_hidden_states", "txt_ids"),
+            max_sequence_length=max_sequence_length, text_encoder_out_layers=tuple(text_encoder_out_layers),
+        )
         return Conditioning(cond, uncond, guidance_scale if do_cfg else 1.0, False, list(prompts))
 
     def prepare_latents(self, batch_size, height, width, generator, dtype=None, **_):
@@ -457,6 +474,11 @@ class QwenImageAdapter(FamilyAdapter):
     """
 
     name = "qwenimage"
+    title = "Qwen-Image"
+    pipeline_class = "QwenImagePipeline"
+    transformer_class = "QwenImageTransformer2DModel"
+    transformer_inputs = ("encoder_hidden_states_mask", "encoder_hidden_states", "img_shapes")
+    unit_timestep = True
     linear_sigmas = True
     max_sequence_length_limit = 1024
 
@@ -467,18 +489,12 @@ class QwenImageAdapter(FamilyAdapter):
         return _calculate_shift_mu(self.pipe, image_seq_len, default_max_shift=1.15)
 
     def encode(self, prompts, guidance_scale, *, negative_prompt=None, max_sequence_length=512, **_):
-        pipe = self.pipe
-        kw = dict(device=self.device, max_sequence_length=max_sequence_length)
-        pe, mask = pipe.encode_prompt(prompt=list(prompts), **kw)
-        cond = {"encoder_hidden_states": pe, "encoder_hidden_states_mask": mask}
-        if pipe.transformer.config.guidance_embeds:
+        cond, uncond, do_cfg = self._encode_with_separate_calls(
+            prompts, guidance_scale, " " if negative_prompt is None else negative_prompt,
+            ("encoder_hidden_states", "encoder_hidden_states_mask"), max_sequence_length=max_sequence_length,
+        )
+        if self.pipe.transformer.config.guidance_embeds:
             cond["guidance"] = torch.full([len(prompts)], float(guidance_scale), device=self.device, dtype=torch.float32)
-        uncond = None
-        do_cfg = self.uses_cfg(guidance_scale)
-        if do_cfg:
-            neg = " " if negative_prompt is None else negative_prompt
-            npe, nmask = pipe.encode_prompt(prompt=[neg] * len(prompts), **kw)
-            uncond = {"encoder_hidden_states": npe, "encoder_hidden_states_mask": nmask}
         return Conditioning(cond, uncond, guidance_scale if do_cfg else 1.0, False, list(prompts),
                             rescale="token_norm" if do_cfg else None)
 
@@ -501,37 +517,35 @@ class QwenImageAdapter(FamilyAdapter):
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-_PIPELINES = {
-    "StableDiffusion3Pipeline": SD3Adapter,
-    "FluxPipeline": FluxAdapter,
-    "Flux2KleinPipeline": Flux2KleinAdapter,
-    "QwenImagePipeline": QwenImageAdapter,
+#: The one registry of supported families: loading, the CLI, the demo and ``ngdiag.testing`` read it.
+FAMILIES: dict[str, type[FamilyAdapter]] = {
+    adapter.name: adapter for adapter in (SD3Adapter, FluxAdapter, Flux2KleinAdapter, QwenImageAdapter)
 }
-_TRANSFORMERS = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "Flux2Transformer2DModel": "flux2-klein",
-    "QwenImageTransformer2DModel": "qwenimage",
-}
-SUPPORTED_FAMILIES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "flux2-klein": "FLUX.2-klein", "qwenimage": "Qwen-Image"}
+#: family key -> how people call it
+SUPPORTED_FAMILIES = {name: adapter.title for name, adapter in FAMILIES.items()}
 
 
 def family_of_pipeline(class_name: str) -> Optional[str]:
-    cls = _PIPELINES.get(class_name)
-    return None if cls is None else cls.name
+    """The family key of a diffusers pipeline class name, or None when ngdiag does not support it."""
+    return next((name for name, a in FAMILIES.items() if a.pipeline_class == class_name), None)
 
 
 def family_of_transformer(class_name: str) -> Optional[str]:
-    return _TRANSFORMERS.get(class_name)
+    """The family key of a diffusers transformer class name, or None when ngdiag does not support it."""
+    return next((name for name, a in FAMILIES.items() if a.transformer_class == class_name), None)
+
+
+def supported_pipelines() -> str:
+    """The supported pipeline class names, for messages."""
+    return ", ".join(a.pipeline_class for a in FAMILIES.values())
 
 
 def adapter_for(pipe) -> FamilyAdapter:
     """The adapter of a loaded pipeline, or :class:`CheckpointError` for an unsupported family."""
-    cls = _PIPELINES.get(type(pipe).__name__)
-    if cls is None:
-        known = ", ".join(sorted(_PIPELINES))
-        raise CheckpointError(f"unsupported pipeline {type(pipe).__name__}; ngdiag supports {known}")
-    return cls(pipe)
+    family = family_of_pipeline(type(pipe).__name__)
+    if family is None:
+        raise CheckpointError(f"unsupported pipeline {type(pipe).__name__}; ngdiag supports {supported_pipelines()}")
+    return FAMILIES[family](pipe)
 
 
 def call_kwargs_for(adapter: FamilyAdapter, **given) -> dict:

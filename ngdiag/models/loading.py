@@ -42,7 +42,7 @@ from typing import Optional, Union
 import torch
 
 from ngdiag.errors import CheckpointError, ConfigError
-from ngdiag.models.families import FamilyAdapter, adapter_for, family_of_transformer
+from ngdiag.models.families import FamilyAdapter, adapter_for, family_of_pipeline, family_of_transformer, supported_pipelines, SUPPORTED_FAMILIES
 from ngdiag.models.pair import AdapterDisabled
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_pipeline", "detect_format", "ADAPTER_NAME"]
@@ -248,15 +248,10 @@ def _check_flow_pipeline(folder: Path) -> None:
     if sched_cls and "FlowMatch" not in sched_cls:
         raise CheckpointError(
             f"{folder} is a {cls} with a {sched_cls}: a noise-prediction diffusion model, not a flow-matching "
-            "model; ngdiag audits rectified-flow pipelines (SD3/SD3.5, FLUX.1, FLUX.2-klein, Qwen-Image)"
+            f"model; ngdiag audits rectified-flow pipelines ({', '.join(SUPPORTED_FAMILIES.values())})"
         )
-    from ngdiag.models.families import family_of_pipeline
-
     if family_of_pipeline(cls) is None:
-        raise CheckpointError(
-            f"{folder} is a {cls}, which ngdiag does not support yet; supported: "
-            "StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, QwenImagePipeline"
-        )
+        raise CheckpointError(f"{folder} is a {cls}, which ngdiag does not support yet; supported: {supported_pipelines()}")
 
 
 def _check_pipeline_folder(folder: Path) -> None:

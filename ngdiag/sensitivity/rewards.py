@@ -31,7 +31,7 @@ import torch
 
 from ngdiag.errors import CheckpointError, ConfigError
 from ngdiag.sensitivity.preprocess import ImagePreprocess, check_images, clip_preprocess, hpsv2_preprocess
-from ngdiag.sensitivity.specs import REWARD_KINDS, _existing_path, parse_reward_spec, split_reward_spec
+from ngdiag.sensitivity.specs import REWARD_KINDS, existing_path, parse_reward_spec, split_reward_spec
 
 __all__ = [
     "REWARD_KINDS",
@@ -294,8 +294,8 @@ class _TransformersClipReward(BaseReward):
     ) -> tuple[torch.nn.Module, Any, ImagePreprocess]:
         from transformers import CLIPModel
 
-        model_dir = _existing_path(path)
-        processor_dir = model_dir if processor_path is None else _existing_path(processor_path)
+        model_dir = existing_path(path)
+        processor_dir = model_dir if processor_path is None else existing_path(processor_path)
         tokenizer = _load_tokenizer(processor_dir)
         preprocess = clip_preprocess(_load_clip_image_processor(processor_dir))
         try:
@@ -366,7 +366,7 @@ def _load_open_clip(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> tuple[torch.nn.Module, Any]:
-    checkpoint_path = _existing_path(path)
+    checkpoint_path = existing_path(path)
     open_clip = _import_open_clip()
     try:
         model = open_clip.create_model(clip_arch, pretrained=None)
@@ -519,7 +519,7 @@ def load_reward(
     if kind == "hpsv2":
         return HPSv2Reward.from_checkpoint(path, clip_arch=options.get("arch", "ViT-H-14"), device=device, dtype=dtype)
     # kind == "clip"
-    if _existing_path(path).is_dir():
+    if existing_path(path).is_dir():
         if "arch" in options:
             raise ConfigError("arch= applies to open_clip checkpoint files, not transformers folders.")
         return ClipScoreReward.from_pretrained(path, processor_path=options.get("processor"), device=device, dtype=dtype)

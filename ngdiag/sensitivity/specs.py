@@ -44,7 +44,7 @@ def reward_kinds_help() -> str:
     return ", ".join(REWARD_SPECS[k].usage for k in REWARD_KINDS)
 
 
-def _existing_path(path: str | os.PathLike[str]) -> Path:
+def existing_path(path: str | os.PathLike[str]) -> Path:
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise ConfigError(f"reward weights not found: {path}")
@@ -83,5 +83,5 @@ def parse_reward_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
     """
     kind, path, options = split_reward_spec(spec)
     if path is not None:
-        _existing_path(path)
+        existing_path(path)
     return kind, path, options
