@@ -250,7 +250,7 @@ def test_sensitivity_records_its_batches_and_a_folder_written_before_resumes(tin
         assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
 
 
-def test_merge_sensitivity_of_shards_written_before_num_batches(sens_args, tmp_path):
+def test_merge_sensitivity_of_shards_written_before_num_batches_and_of_a_cut_part(sens_args, tmp_path):
     for i in range(2):
         d = tmp_path / f"s{i}"
         code, _, err = run_cli(*sens_args, "--out", d, "--shard", f"{i}/2", "--quiet")
@@ -262,6 +262,16 @@ def test_merge_sensitivity_of_shards_written_before_num_batches(sens_args, tmp_p
     assert code == 0, err
     assert json.loads(out)["num_samples"] == 3
     assert json.loads((tmp_path / "m" / STATE_FILE).read_text())["num_batches"] == 3
+
+    # a cut part (a shard's disk filled up, a copy broke off): one line naming the file to delete, nothing written
+    part = tmp_path / "s1" / "parts" / "sensitivity-b00001.npz"
+    part.write_bytes(part.read_bytes()[:100])
+    code, _, err = run_cli("merge-sensitivity", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "m2")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0] == (f"error: cannot read the part of batch 1 in {tmp_path / 's1'} (BadZipFile); delete {part} "
+                        "and rerun to redo that batch"), err
+    assert not (tmp_path / "m2").exists()
 
 
 # ----------------------------------------------------------------------------- core: I/O and seeds
