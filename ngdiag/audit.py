@@ -6,28 +6,28 @@ prompt ``i mod len(prompts)``, seed ``seed + i``), evaluates the reference at ev
 the guided velocity into an inflation ``exp(mean_i l_i) - 1`` with a seeded bootstrap interval
 and a verdict (CONVENTIONS "Inflation summary and verdict").
 
-With an output folder the audit is durable: each batch's records are written atomically to
-``parts/`` as soon as the batch is done, a rerun with the same arguments skips finished batches,
-and ``shard=(i, n)`` runs only batches ``b`` with ``b % n == i`` so that shards can run in
-separate processes or GPUs and be joined by :func:`merge_audits` into exactly the result of a
-single run (batches have fixed boundaries, so every batched forward is identical).
+With an output folder the audit is durable (:mod:`ngdiag.runs`, through :class:`AuditWorkflow`):
+each batch's records are written atomically to ``parts/`` as soon as the batch is done, a rerun
+with the same arguments skips finished batches, and ``shard=(i, n)`` runs only batches ``b`` with
+``b % n == i`` so that shards can run in separate processes or GPUs and be joined by
+:func:`merge_audits` into exactly the result of a single run (batches have fixed boundaries, so
+every batched forward is identical).
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-import ngdiag
+from ngdiag.core.io import json_safe
+from ngdiag.core.seeds import sample_seeds
 from ngdiag.core.tensors import check_finite
-from ngdiag.durable import STATE_FILE, RunFolder, load_shards, lock_output, parse_shard, shard_batches, use_output
 from ngdiag.errors import ConfigError
 from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import ADAPTER_NAME, Checkpoint
@@ -35,10 +35,11 @@ from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
 from ngdiag.probes.paired import PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import rl_renorm_intervention
+from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
 from ngdiag.sampling import sample
 from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
 
-__all__ = ["AuditConfig", "AuditResult", "run_audit", "merge_audits", "parse_shard", "SCHEMA_VERSION"]
+__all__ = ["AuditConfig", "AuditResult", "AuditWorkflow", "run_audit", "merge_audits", "parse_shard", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 KIND = "audit"
@@ -126,7 +127,7 @@ class AuditResult:
         """The versioned ``summary.json`` document."""
         guided = self.per_step[self.per_step["call"] == "guided"]
         per_step = [
-            {k: _py(row[k]) for k in ("step", "t", "mean_ratio", "ci_low", "ci_high", "mean_cos", "radial_share")}
+            {k: json_safe(row[k]) for k in ("step", "t", "mean_ratio", "ci_low", "ci_high", "mean_cos", "radial_share")}
             for _, row in guided.iterrows()
         ]
         out = {
@@ -160,7 +161,7 @@ class AuditResult:
     def save(self, out_dir, *, report: bool = True) -> dict:
         """Write ``summary.json``, ``steps.csv``, ``records.parquet`` and ``report.html`` atomically.
 
-        ``out_dir`` is a folder path or an open :class:`~ngdiag.durable.RunFolder`. Everything is
+        ``out_dir`` is a folder path or an open :class:`~ngdiag.runs.RunFolder`. Everything is
         rendered before the first file is written, and ``summary.json`` is written last; a file in
         the folder that ngdiag did not write is never replaced.
         """
@@ -180,31 +181,6 @@ class AuditResult:
             out_dir.write_text("report.html", html)
         out_dir.write_text("summary.json", json.dumps(summary, indent=2))
         return summary
-
-
-def _py(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        return None if not np.isfinite(v) else float(v)
-    return v
-
-
-def versions() -> dict:
-    import diffusers
-    import peft
-    import scipy
-    import transformers
-
-    return {
-        "ngdiag": ngdiag.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "scipy": scipy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
@@ -250,7 +226,7 @@ class _BatchRunner:
         cfg = self.config
         ids = cfg.batch_ids(b)
         prompts = [cfg.prompt_of(i) for i in ids]
-        seeds = [cfg.seed + i for i in ids]
+        seeds = sample_seeds(cfg.seed, ids)
         batch = prepare_batch(self.ckpt, prompts, seeds, cfg.sampling, sample_ids=ids)
         theta_g = batch.conditioning.guided(self.ckpt.theta)
         ref_g = batch.conditioning.guided(self.ref)
@@ -303,44 +279,6 @@ class _BatchRunner:
         return out
 
 
-def part_names(b: int) -> dict:
-    return {
-        "records": f"parts/records-b{b:05d}.parquet",
-        "extras": f"parts/extras-b{b:05d}.json",
-        "images": f"parts/images-b{b:05d}.npz",
-    }
-
-
-def _write_part(folder: RunFolder, b: int, result: dict) -> None:
-    names = part_names(b)
-    if result["images"]:
-        folder.write(names["images"], lambda p: np.savez_compressed(open(p, "wb"), ids=np.asarray(result["grid_ids"]), **{
-            k.replace("+", "_plus_"): v for k, v in result["images"].items()}))
-    extras = {"rewards": result["rewards"], "distances": result["distances"]}
-    folder.write_text(names["extras"], json.dumps(extras))
-    # The records file is written last: its presence marks the batch as done.
-    folder.write(names["records"], lambda p: result["record"].to_frame().to_parquet(p, index=False))
-
-
-def _read_parts(out: Path, batches: Sequence[int]) -> dict:
-    """The parts of ``batches`` in ``out``; images as ``[(sample ids, {model: array})]``."""
-    records, rewards, distances, images = [], [], [], []
-    for b in batches:
-        paths = {k: Path(out) / v for k, v in part_names(b).items()}
-        if not paths["records"].is_file():
-            raise ConfigError(f"{paths['records']} is missing: the run in {out} is incomplete; rerun it with the same arguments")
-        try:
-            records.append(NormRecord.from_frame(pd.read_parquet(paths["records"])))
-            extras = json.loads(paths["extras"].read_text(encoding="utf-8"))
-            rewards += extras["rewards"]
-            distances += extras["distances"]
-            if paths["images"].is_file():
-                with np.load(paths["images"]) as data:
-                    images.append((data["ids"], {key.replace("_plus_", "+"): data[key] for key in data.files if key != "ids"}))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read the part of batch {b} in {out} ({type(exc).__name__}); "
-                              f"delete {out}/parts/*-b{b:05d}.* and rerun to redo that batch") from None
-    return {"records": records, "rewards": rewards, "distances": distances, "images": images}
 
 
 def _grid_images(parts: list, grid_size: int) -> dict:
@@ -375,7 +313,7 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     per_sample = pd.DataFrame({
         "sample": record.sample_ids,
         "prompt": [config.prompt_of(int(i)) for i in record.sample_ids],
-        "seed": [config.seed + int(i) for i in record.sample_ids],
+        "seed": sample_seeds(config.seed, record.sample_ids),
         "mean_ratio": ratios.mean(axis=0),
         "log_ratio": log_ratio,
     })
@@ -393,35 +331,68 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images)
 
 
-def run_audit(
-    checkpoint: Checkpoint,
-    config: AuditConfig,
-    *,
-    out_dir=None,
-    shard: tuple = (0, 1),
-    overwrite: bool = False,
-    progress: Optional[Callable[[int, int], None]] = None,
-    report: bool = True,
-) -> Optional[AuditResult]:
+class AuditWorkflow(Workflow):
+    """The audit on the run engine (:mod:`ngdiag.runs`): a batch's part holds its norm records, its
+    rewards and renorm distances (``extras``) and its image-grid samples."""
+
+    kind = KIND
+    title = "an audit"
+    merge_command = "ngdiag merge"
+    config_type = AuditConfig
+    part_files = ("images.npz", "extras.json", "records.parquet")  # the records last: they mark the batch done
+
+    def write_part(self, folder: RunFolder, b: int, part: dict) -> None:
+        names = self.part_paths(b)
+        if part["images"]:
+            arrays = {k.replace("+", "_plus_"): v for k, v in part["images"].items()}
+            folder.write(names["images"], lambda p: _savez(p, ids=np.asarray(part["grid_ids"]), **arrays))
+        folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"]}))
+        folder.write(names["records"], lambda p: part["record"].to_frame().to_parquet(p, index=False))
+
+    def read_part(self, path: Path, b: int) -> dict:
+        names = {k: path / v for k, v in self.part_paths(b).items()}
+        extras = json.loads(names["extras"].read_text(encoding="utf-8"))
+        part = {"record": NormRecord.from_frame(pd.read_parquet(names["records"])), "rewards": extras["rewards"],
+                "distances": extras["distances"], "images": {}, "grid_ids": []}
+        if names["images"].is_file():
+            with np.load(names["images"]) as data:
+                part["grid_ids"] = data["ids"]
+                part["images"] = {key.replace("_plus_", "+"): data[key] for key in data.files if key != "ids"}
+        return part
+
+    def finalize(self, parts: list) -> AuditResult:
+        joined = {"records": [p["record"] for p in parts], "rewards": [r for p in parts for r in p["rewards"]],
+                  "distances": [d for p in parts for d in p["distances"]],
+                  "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]]}
+        return _finalize(joined, self.config, self.checkpoint)
+
+
+def _savez(path: str, **arrays) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append .npz to the temporary file's name
+        np.savez_compressed(fh, **arrays)
+
+
+def run_audit(checkpoint: Checkpoint, config: AuditConfig, *, out_dir=None, shard: tuple = (0, 1), overwrite: bool = False,
+              progress=None, report: bool = True) -> Optional[AuditResult]:
     """Audit ``checkpoint`` for norm inflation.
 
     Args:
         checkpoint: a loaded checkpoint with a reference (``load_checkpoint(path, base)``).
         config: :class:`AuditConfig`.
-        out_dir: folder for durable, resumable output (a path, or a :class:`~ngdiag.durable.RunFolder`
+        out_dir: folder for durable, resumable output (a path, or a :class:`~ngdiag.runs.RunFolder`
             from ``open_output(..., kind="audit")``); ``None`` keeps everything in memory. The
             folder is locked for the run; it must not be, contain or lie inside the checkpoint or base.
         shard: ``(i, n)``: run only batches ``b`` with ``b % n == i``. With ``n > 1`` the shard's
             parts are written and ``None`` is returned: join shards with :func:`merge_audits`.
         overwrite: replace ngdiag's own output in a non-resumable ``out_dir`` (files ngdiag did not
             write are never touched).
-        progress: ``f(done_batches, total_batches)`` called after each batch.
+        progress: a :class:`~ngdiag.runs.RunProgress` (``start(total, reused)``, ``advance()``,
+            ``finish()``), or a function ``f(done_batches, total_batches)`` called after each batch.
         report: also render ``report.html`` when saving.
 
     Returns:
         The :class:`AuditResult` (``None`` for a shard of several).
     """
-    i, n = shard
     checkpoint.require_ref()  # fail before any work when there is no reference
     config.check_against(checkpoint)  # image size and the like: before anything is written
     reward = None
@@ -429,71 +400,18 @@ def run_audit(
         from ngdiag.sensitivity.rewards import load_reward
 
         reward = load_reward(config.reward, device=checkpoint.adapter.device)
-    info = checkpoint.describe()
-    batches = shard_batches(config.num_batches, shard)
-    if out_dir is None:
-        if n > 1:
-            raise ConfigError("a sharded audit needs an output folder")
-        runner = _BatchRunner(checkpoint, config, reward)
-        parts = {"records": [], "rewards": [], "distances": [], "images": []}
-        for done, b in enumerate(batches, 1):
-            res = runner.run(b)
-            parts["records"].append(res["record"])
-            parts["rewards"] += res["rewards"]
-            parts["distances"] += res["distances"]
-            if res["images"]:
-                parts["images"].append((res["grid_ids"], res["images"]))
-            if progress:
-                progress(done, len(batches))
-        return _finalize(parts, config, info)
-
-    fingerprint = config.fingerprint(info)
-    state = {"kind": KIND, "fingerprint": fingerprint, "shard": [i, n], "complete": False, "config": config.to_dict(), "checkpoint": info,
-             "num_batches": config.num_batches}
-    inputs = [("checkpoint", info.get("path")), ("base", info.get("base"))]
-    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite, config=config.to_dict(), shard=[i, n]) as folder:
-        folder.begin(state)
-        runner = _BatchRunner(checkpoint, config, reward)
-        for done, b in enumerate(batches, 1):
-            if not folder.exists(part_names(b)["records"]):
-                _write_part(folder, b, runner.run(b))
-            if progress:
-                progress(done, len(batches))
-        state["complete"] = True
-        if n > 1:
-            folder.write_text(STATE_FILE, json.dumps(state, indent=2))
-            return None
-        result = _finalize(_read_parts(folder.path, batches), config, info)
-        result.save(folder, report=report)
-        folder.write_text(STATE_FILE, json.dumps(state, indent=2))
-    return result
+    workflow = AuditWorkflow(config, checkpoint.describe())
+    runner = _BatchRunner(checkpoint, config, reward)
+    return run_workflow(workflow, runner.run, out_dir=out_dir, shard=shard, overwrite=overwrite, progress=progress,
+                        report=report)
 
 
 def merge_audits(shard_dirs: Sequence, out_dir, *, overwrite: bool = False, report: bool = True) -> AuditResult:
     """Join the shards of one audit (``--shard i/n`` runs) into the result of a single run.
 
     The merged ``summary.json`` and ``report.html`` are byte for byte those of the single run.
-    ``out_dir`` is a folder path or an open :class:`~ngdiag.durable.RunFolder`; it must not be,
-    contain or lie inside a shard folder.
+    Every shard folder is checked first (a finished audit, the same arguments and split, each shard
+    once, every part present). ``out_dir`` is a folder path or an open :class:`~ngdiag.runs.RunFolder`;
+    it must not be, contain or lie inside a shard folder.
     """
-    states, n = load_shards(shard_dirs, KIND)
-    first = states[0][1]
-    try:
-        config = AuditConfig(**first["config"])
-    except TypeError as exc:
-        raise ConfigError(f"{states[0][0] / STATE_FILE} is corrupt (its config does not fit this ngdiag: {exc})") from None
-    inputs = [("shard folder", d) for d, _ in states]
-    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite) as folder:
-        parts = {"records": [], "rewards": [], "distances": [], "images": []}
-        for d, state in states:
-            p = _read_parts(d, shard_batches(config.num_batches, (state["shard"][0], n)))
-            for key in parts:
-                parts[key] += p[key]
-        result = _finalize(parts, config, first["checkpoint"])
-        state = {"kind": KIND, "fingerprint": first["fingerprint"], "shard": [0, 1], "complete": False,
-                 "merged_from": [str(d) for d, _ in states], "config": first["config"], "checkpoint": first["checkpoint"],
-                 "num_batches": config.num_batches}
-        folder.begin({**state, "fingerprint": "merge-" + first["fingerprint"]})
-        result.save(folder, report=report)
-        folder.write_text(STATE_FILE, json.dumps({**state, "complete": True}, indent=2))
-    return result
+    return merge_workflow(AuditWorkflow, shard_dirs, out_dir, overwrite=overwrite, report=report)

@@ -25,7 +25,7 @@ from ngdiag.models.loading import Checkpoint
 from ngdiag.sampling import SampleResult, sample
 
 __all__ = [
-    "SamplingConfig", "SampleSet", "PreparedBatch", "prepare_batch", "generate", "sample_seeds", "recorded_sampling",
+    "SamplingConfig", "SampleSet", "PreparedBatch", "prepare_batch", "generate", "recorded_sampling",
     "sampling_settings_from_file",
     "MAX_IMAGE_SIDE", "MAX_STEPS", "MAX_SAMPLES", "MAX_BATCH_SIZE", "MAX_BATCH_PIXELS", "MAX_SEED",
 ]
@@ -263,7 +263,8 @@ def recorded_sampling(checkpoint_path) -> Optional[tuple[dict, Path]]:
 class SampleSet:
     """Which samples a run covers, in fixed batches (the base of the audit and sensitivity configs).
 
-    Sample ``i`` uses prompt ``prompts[i % len(prompts)]`` and seed ``seed + i``; batch ``b`` holds
+    Sample ``i`` uses prompt ``prompts[i % len(prompts)]`` and seed ``seed + i``
+    (:func:`ngdiag.core.seeds.sample_seeds`); batch ``b`` holds
     samples ``b * batch_size ... (b + 1) * batch_size - 1``. Fixed boundaries make resumed and
     sharded runs compute exactly what one run computes.
     """
@@ -361,11 +362,6 @@ class PreparedBatch:
     sigmas: torch.Tensor
     config: SamplingConfig
     sample_ids: list = field(default_factory=list)
-
-
-def sample_seeds(seed: int, sample_ids: Sequence[int]) -> list[int]:
-    """Seed of each sample: ``seed + i``."""
-    return [int(seed) + int(i) for i in sample_ids]
 
 
 def prepare_batch(

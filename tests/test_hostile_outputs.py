@@ -81,7 +81,7 @@ def env():
     return e
 
 
-HOLD_LOCK = ("import sys, time\nfrom ngdiag.durable import lock_output\nfolder = lock_output(sys.argv[1])\n"
+HOLD_LOCK = ("import sys, time\nfrom ngdiag.runs import lock_output\nfolder = lock_output(sys.argv[1])\n"
              "print('locked', flush=True)\ntime.sleep(600)\n")
 
 

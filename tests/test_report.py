@@ -475,7 +475,7 @@ def test_write_html_is_atomic(tmp_path, monkeypatch, audit_html):
 
     for target in ("fsync", "replace"):  # failure after part of the new report reached the disk
         with monkeypatch.context() as m:
-            m.setattr(H.os, target, fail)
+            m.setattr(os, target, fail)  # the os module, which every atomic write uses
             with pytest.raises(OSError, match="disk full"):
                 H.write_html(audit_html, path)
         assert path.read_text() == "OLD REPORT", target

@@ -1,4 +1,4 @@
-"""What the commands share: option checks, devices and dtypes, prompts, notes, progress bars and launchers.
+"""What the commands share: option checks, devices and dtypes, prompts, sampling settings, notes, progress bars.
 
 Nothing here imports torch or diffusers at module level, so that ``ngdiag --help`` stays fast;
 the functions that need torch import it when called. Everything printed goes to stderr: notes
@@ -7,9 +7,7 @@ the functions that need torch import it when called. Everything printed goes to 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -261,15 +259,32 @@ class Progress:
     starts there, and its rate and remaining time count only the work done now. Advance it with
     :meth:`advance` (never by setting the count). Use it as a context manager: on exit, also on
     Ctrl-C, the bar is closed and the cursor left at the start of a fresh line.
+
+    It implements the progress protocol of durable runs (:class:`ngdiag.runs.RunProgress`): without
+    ``total`` the bar appears at :meth:`start`, after ``on_start(total, reused)`` (which prints the
+    notes that belong before it, such as what a resumed run reuses).
     """
 
-    def __init__(self, desc: str, unit: str, total: int, *, done: int = 0, enabled: bool = True):
+    def __init__(self, desc: str, unit: str, total: Optional[int] = None, *, done: int = 0, enabled: bool = True,
+                 on_start: Optional[Callable[[int, int], None]] = None):
         self.bar = None
-        if enabled:
+        self.desc, self.unit, self.enabled, self.on_start = desc, unit, enabled, on_start
+        if total is not None:
+            self._open(total, done)
+
+    def _open(self, total: int, done: int) -> None:
+        if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=int(total), initial=int(done), desc=desc, unit=unit, file=sys.stderr,
+            self.bar = tqdm(total=int(total), initial=int(done), desc=self.desc, unit=self.unit, file=sys.stderr,
                             dynamic_ncols=True, leave=True)
+
+    def start(self, total: int, reused: int = 0) -> None:
+        """``total`` units to go through, ``reused`` of them done already: show the bar from there."""
+        if self.on_start is not None:
+            self.on_start(total, reused)
+        self.close()
+        self._open(total, reused)
 
     def advance(self, n: int = 1) -> None:
         """``n`` more units done; the bar closes when it is full, so that its time is the work's."""
@@ -287,6 +302,10 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(values, refresh=False)
 
+    def finish(self) -> None:
+        """All the work is done: close the bar."""
+        self.close()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -297,110 +316,3 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def batch_progress(progress: Progress, reused: Sequence[int]) -> Callable[[int, int], None]:
-    """The ``progress(done, total)`` callback of a run engine, advancing ``progress`` per computed batch.
-
-    The engines call it after each of their batches in order, also for the batches whose results
-    a resumed run reuses; ``reused`` holds those call positions (1-based), which the bar already
-    counts as done.
-    """
-    skip = set(reused)
-
-    def callback(done: int, total: int) -> None:
-        if done not in skip:
-            progress.advance()
-
-    return callback
-
-
-def reused_batches(folder, kind: str, fingerprint: str, shard: tuple, batches: Sequence[int],
-                   done_marker: Callable[[int], str]) -> List[int]:
-    """The call positions (1-based) of ``batches`` that a rerun into ``folder`` reuses from a killed run.
-
-    ``folder`` is the run's open :class:`~ngdiag.durable.RunFolder`; a run reuses the finished batches
-    (``folder.exists(done_marker(b))``) of an unfinished run of the same kind, arguments
-    (``fingerprint``) and shard.
-    """
-    state = folder.state()
-    if (state is None or state.get("kind") != kind or state.get("fingerprint") != fingerprint
-            or list(state.get("shard", [])) != list(shard) or state.get("complete")):
-        return []
-    return [k for k, b in enumerate(batches, 1) if folder.exists(done_marker(b))]
-
-
-def resume_note(what: str, out: Path, reused: int, total: int) -> str:
-    return f"{what}: resuming the unfinished run in {out}: {reused} of {total} batches already done are reused"
-
-
-# ----------------------------------------------------------------------------- launchers
-def launcher_world():
-    """``(rank, world_size, local_rank)`` under torchrun / accelerate launch with several processes, else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def launched_shard_dir(out: Path, shard_spec: tuple) -> Path:
-    """Where process ``i`` of ``n`` writes its shard under a launcher: ``OUT.shards/i-of-n``."""
-    return Path(f"{out}.shards") / f"{shard_spec[0]}-of-{shard_spec[1]}"
-
-
-def run_inputs(checkpoint, base, prompts_file, reward) -> list:
-    """The local inputs of an audit or sensitivity run, which its output folder must stay clear of."""
-    inputs = [("checkpoint", checkpoint), ("base", base), ("prompts file", prompts_file)]
-    if reward is not None:
-        from ngdiag.sensitivity.specs import parse_reward_spec
-
-        inputs.append(("reward weights", parse_reward_spec(reward)[1]))
-    return inputs
-
-
-@contextlib.contextmanager
-def output_folders(out: Path, launched, *, kind: str, inputs: list, overwrite: bool, shard_spec: tuple):
-    """Check and lock the output folders of a run before any model is loaded.
-
-    Yields ``(run_folder, merge_target)``: the :class:`~ngdiag.durable.RunFolder` this process writes
-    its run (or shard) into, and what rank 0 merges into under a launcher (``out`` locked by rank 0,
-    ``None`` elsewhere). Whether an unfinished run in the folder is resumed is decided by the run
-    itself, from the fingerprint of its resolved settings.
-    """
-    from ngdiag.durable import check_output_folder, open_output
-
-    with contextlib.ExitStack() as stack:
-        merge_target = None
-        run_out = out
-        if launched is not None:
-            check_output_folder(out, kind=kind, inputs=inputs, overwrite=overwrite)
-            if shard_spec[0] == 0:
-                merge_target = stack.enter_context(open_output(out, kind=kind, inputs=inputs, overwrite=overwrite))
-            run_out = launched_shard_dir(out, shard_spec)
-        folder = stack.enter_context(open_output(run_out, kind=kind, inputs=inputs, overwrite=overwrite,
-                                                 shard=list(shard_spec)))
-        yield folder, merge_target
-
-
-def merge_launched(out, shard_spec: tuple, overwrite: bool, merge):
-    """Wait for every process (gloo barrier), then rank 0 joins the shards into ``out`` with ``merge``.
-
-    ``out`` is rank 0's locked merge target (:func:`output_folders`) or the output path.
-    """
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        dist.barrier()
-        result = None
-        if shard_spec[0] == 0:
-            path = out.path if hasattr(out, "path") else out
-            shards = [launched_shard_dir(path, (i, shard_spec[1])) for i in range(shard_spec[1])]
-            result = merge(shards, out, overwrite=overwrite)
-        dist.barrier()
-        return result
-    finally:
-        if created:
-            dist.destroy_process_group()

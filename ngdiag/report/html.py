@@ -24,9 +24,7 @@ import base64
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -34,6 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from ngdiag.core.io import atomic_write_text
 from ngdiag.errors import ConfigError
 from ngdiag.report import figures as F
 
@@ -555,23 +554,11 @@ def render_compare_report(context: Mapping) -> str:
 
 # ----------------------------------------------------------------------------- writing
 def write_html(html: str, path) -> Path:
-    """Write ``html`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
-    then renamed over ``path``. A failure at any point leaves an existing ``path`` untouched and no
-    temporary file behind. Returns the path."""
+    """Write ``html`` to ``path`` atomically (:func:`ngdiag.core.io.atomic_write_text`: a temporary file
+    in the same folder, flushed to disk, then renamed over ``path``). A failure at any point leaves an
+    existing ``path`` untouched and no temporary file behind. Returns the path."""
     if not isinstance(html, str):
         raise ConfigError(f"write_html needs the HTML text (str), got {type(html).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(html)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, html)

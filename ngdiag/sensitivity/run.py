@@ -3,8 +3,9 @@
 For every batch of samples (prompt ``i mod len(prompts)``, seed ``seed + i``, as in the audit)
 this binds the checkpoint's guided velocity (with CFG where the family uses it) and the reward
 of the decoded image, ``R(x_K) = reward(decode(x_K), prompts)``, and calls
-:func:`ngdiag.sensitivity.norm_sensitivity`. Runs are durable like the audit: one part per batch,
-resumable, shardable with ``shard=(i, n)`` and joined by :func:`merge_sensitivity`.
+:func:`ngdiag.sensitivity.norm_sensitivity`. Runs are durable like the audit, on the same engine
+(:mod:`ngdiag.runs`, through :class:`SensitivityWorkflow`): one part per batch, resumable,
+shardable with ``shard=(i, n)`` and joined by :func:`merge_sensitivity`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ngdiag.durable import STATE_FILE, RunFolder, load_shards, lock_output, shard_batches, use_output
+from ngdiag.core.io import json_safe
+from ngdiag.core.seeds import sample_seeds
 from ngdiag.errors import ConfigError
 from ngdiag.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
+from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, run_workflow, versions
 from ngdiag.sensitivity.adjoint import norm_sensitivity
 from ngdiag.sensitivity.result import SensitivityResult
 
-__all__ = ["SensitivityConfig", "SensitivityRun", "run_sensitivity", "merge_sensitivity", "checkpoint_velocity"]
+__all__ = ["SensitivityConfig", "SensitivityRun", "SensitivityWorkflow", "run_sensitivity", "merge_sensitivity",
+           "checkpoint_velocity"]
 
 KIND = "sensitivity"
 SCHEMA_VERSION = 1
@@ -111,8 +115,6 @@ class SensitivityRun:
         return frame
 
     def summary(self) -> dict:
-        from ngdiag.audit import versions
-
         per_step = self.per_step()
         nsr = per_step["nsr"].to_numpy()
         dr = self.result.directional_derivative.numpy()
@@ -123,8 +125,7 @@ class SensitivityRun:
             "model": self.config.model,
             "num_samples": int(self.result.batch_size),
             "num_steps": int(self.result.num_steps),
-            "per_step": [{k: (None if isinstance(v, float) and not np.isfinite(v) else (int(v) if k == "step" else float(v)))
-                          for k, v in row.items()} for row in per_step.to_dict("records")],
+            "per_step": json_safe(per_step.to_dict("records")),
             "nsr_median": float(np.nanmedian(nsr)),
             "nsr_min": float(np.nanmin(nsr)),
             "nsr_max": float(np.nanmax(nsr)),
@@ -142,7 +143,7 @@ class SensitivityRun:
 
     def save(self, out_dir, *, report: bool = True) -> dict:
         """Write ``sensitivity.json``, ``records.parquet`` and ``report.html`` into a folder path or an
-        open :class:`~ngdiag.durable.RunFolder`; rendered first, ``sensitivity.json`` written last."""
+        open :class:`~ngdiag.runs.RunFolder`; rendered first, ``sensitivity.json`` written last."""
         if not isinstance(out_dir, RunFolder):
             with lock_output(out_dir) as folder:
                 return self.save(folder, report=report)
@@ -163,7 +164,7 @@ class SensitivityRun:
 def _run_batch(checkpoint: Checkpoint, config: SensitivityConfig, reward, b: int) -> dict:
     ids = config.batch_ids(b)
     prompts = [config.prompt_of(i) for i in ids]
-    seeds = [config.seed + i for i in ids]
+    seeds = sample_seeds(config.seed, ids)
     batch = prepare_batch(checkpoint, prompts, seeds, config.sampling, sample_ids=ids)
     velocity = checkpoint_velocity(checkpoint, batch.conditioning, config.model)
     adapter, h, w = checkpoint.adapter, batch.config.height, batch.config.width
@@ -178,25 +179,9 @@ def _run_batch(checkpoint: Checkpoint, config: SensitivityConfig, reward, b: int
     return {"ids": ids, "result": res}
 
 
-def part_name(b: int) -> str:
-    return f"parts/sensitivity-b{b:05d}.npz"
-
-
-def _write_part(folder: RunFolder, b: int, part: dict) -> None:
+def _as_part(part: dict) -> dict:
     r = part["result"]
-    folder.write(part_name(b), lambda p: np.savez(open(p, "wb"), ids=np.asarray(part["ids"]), S=r.S.numpy(), times=r.times.numpy(),
-                                                   reward=r.reward.numpy()))
-
-
-def _read_part(out: Path, b: int) -> dict:
-    path = Path(out) / part_name(b)
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: the run in {out} is incomplete; rerun it with the same arguments")
-    try:
-        with np.load(path) as data:
-            return {"ids": data["ids"], "S": data["S"], "times": data["times"], "reward": data["reward"]}
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot read {path} ({type(exc).__name__}); delete it and rerun to redo the batch") from None
+    return {"ids": part["ids"], "S": r.S.numpy(), "times": r.times.numpy(), "reward": r.reward.numpy()}
 
 
 def _join(parts: list, config: SensitivityConfig, checkpoint: dict, method: str) -> SensitivityRun:
@@ -212,78 +197,54 @@ def _join(parts: list, config: SensitivityConfig, checkpoint: dict, method: str)
     return SensitivityRun(result, ids[order], config, checkpoint)
 
 
-def _as_part(part: dict) -> dict:
-    r = part["result"]
-    return {"ids": part["ids"], "S": r.S.numpy(), "times": r.times.numpy(), "reward": r.reward.numpy()}
+class SensitivityWorkflow(Workflow):
+    """The sensitivity analysis on the run engine (:mod:`ngdiag.runs`): a batch's part holds its
+    sample ids, ``S`` per step and sample, the times and the rewards."""
+
+    kind = KIND
+    title = "a sensitivity run"
+    merge_command = "ngdiag merge-sensitivity"
+    config_type = SensitivityConfig
+    part_files = ("sensitivity.npz",)
+
+    def write_part(self, folder: RunFolder, b: int, part: dict) -> None:
+        def write(path: str) -> None:
+            with open(path, "wb") as fh:  # a file object: np.savez would append .npz to the temporary file's name
+                np.savez(fh, ids=np.asarray(part["ids"]), S=part["S"], times=part["times"], reward=part["reward"])
+
+        folder.write(self.part_paths(b)["sensitivity"], write)
+
+    def read_part(self, path: Path, b: int) -> dict:
+        with np.load(path / self.part_paths(b)["sensitivity"]) as data:
+            return {"ids": data["ids"], "S": data["S"], "times": data["times"], "reward": data["reward"]}
+
+    def finalize(self, parts: list) -> SensitivityRun:
+        return _join(parts, self.config, self.checkpoint, self.config.method)
 
 
-def run_sensitivity(
-    checkpoint: Checkpoint,
-    config: SensitivityConfig,
-    *,
-    out_dir=None,
-    shard: tuple = (0, 1),
-    overwrite: bool = False,
-    progress: Optional[Callable[[int, int], None]] = None,
-    report: bool = True,
-) -> Optional[SensitivityRun]:
-    """Compute S(t) per sample and step for ``checkpoint`` (see module docstring)."""
+def run_sensitivity(checkpoint: Checkpoint, config: SensitivityConfig, *, out_dir=None, shard: tuple = (0, 1),
+                    overwrite: bool = False, progress=None, report: bool = True) -> Optional[SensitivityRun]:
+    """Compute S(t) per sample and step for ``checkpoint`` (see module docstring).
+
+    ``out_dir``, ``shard``, ``overwrite``, ``progress`` and ``report`` work as for
+    :func:`ngdiag.audit.run_audit`; returns ``None`` for a shard of several.
+    """
     from ngdiag.sensitivity.rewards import load_reward
 
     if config.model == "ref":
         checkpoint.require_ref()
     config.check_against(checkpoint)  # image size and the like: before anything is written
     reward = load_reward(config.reward, device=checkpoint.adapter.device)
-    info = checkpoint.describe()
-    batches = shard_batches(config.num_batches, shard)
-    if out_dir is None:
-        if shard[1] > 1:
-            raise ConfigError("a sharded run needs an output folder")
-        parts = []
-        for done, b in enumerate(batches, 1):
-            parts.append(_as_part(_run_batch(checkpoint, config, reward, b)))
-            if progress:
-                progress(done, len(batches))
-        return _join(parts, config, info, config.method)
-    fingerprint = config.fingerprint(info)
-    state = {"kind": KIND, "fingerprint": fingerprint, "shard": list(shard), "complete": False,
-             "config": config.to_dict(), "checkpoint": info}
-    inputs = [("checkpoint", info.get("path")), ("base", info.get("base"))]
-    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite, config=config.to_dict(), shard=list(shard)) as folder:
-        folder.begin(state)
-        for done, b in enumerate(batches, 1):
-            if not folder.exists(part_name(b)):
-                _write_part(folder, b, _run_batch(checkpoint, config, reward, b))
-            if progress:
-                progress(done, len(batches))
-        state["complete"] = True
-        if shard[1] > 1:
-            folder.write_text(STATE_FILE, json.dumps(state, indent=2))
-            return None
-        run = _join([_read_part(folder.path, b) for b in batches], config, info, config.method)
-        run.save(folder, report=report)
-        folder.write_text(STATE_FILE, json.dumps(state, indent=2))
-    return run
+    workflow = SensitivityWorkflow(config, checkpoint.describe())
+    return run_workflow(workflow, lambda b: _as_part(_run_batch(checkpoint, config, reward, b)), out_dir=out_dir,
+                        shard=shard, overwrite=overwrite, progress=progress, report=report)
 
 
 def merge_sensitivity(shard_dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> SensitivityRun:
     """Join the shards of one sensitivity run into the result of a single run (the same files, byte for byte).
 
     Every shard must be a finished sensitivity run of the same arguments and split; ``out_dir`` (a
-    path or an open :class:`~ngdiag.durable.RunFolder`) must not be, contain or lie inside a shard.
+    path or an open :class:`~ngdiag.runs.RunFolder`) must not be, contain or lie inside a shard.
     """
-    states, n = load_shards(shard_dirs, KIND)
-    first = states[0][1]
-    try:
-        config = SensitivityConfig(**first["config"])
-    except TypeError as exc:
-        raise ConfigError(f"{states[0][0] / STATE_FILE} is corrupt (its config does not fit this ngdiag: {exc})") from None
-    inputs = [("shard folder", d) for d, _ in states]
-    with use_output(out_dir, kind=KIND, inputs=inputs, overwrite=overwrite) as folder:
-        parts = [_read_part(d, b) for d, s in states for b in shard_batches(config.num_batches, (s["shard"][0], n))]
-        run = _join(parts, config, first["checkpoint"], config.method)
-        state = {**first, "shard": [0, 1], "complete": False, "merged_from": [str(d) for d, _ in states]}
-        folder.begin({**state, "fingerprint": "merge-" + first["fingerprint"]})
-        run.save(folder, report=report)
-        folder.write_text(STATE_FILE, json.dumps({**state, "complete": True}, indent=2))
-    return run
+    return merge_workflow(SensitivityWorkflow, shard_dirs, out_dir, overwrite=overwrite, report=report)
+

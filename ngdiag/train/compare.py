@@ -165,7 +165,7 @@ class CompareResult:
         interval), from which the report writes its conclusion; ``title``, ``notes``, ``config`` (the compare settings and the config keys in
         which the runs differ) and ``versions``.
         """
-        from ngdiag.audit import versions
+        from ngdiag.runs import versions
         from ngdiag.train.config import config_diff
 
         names = {"base": "base", **{r.label: r.display for r in self.runs}}
@@ -266,7 +266,7 @@ def is_compare_report(path) -> bool:
 
 def check_compare_output(path, inputs, *, overwrite: bool = False) -> Path:
     """Check the report path before anything is computed (see :meth:`CompareResult.save_html`)."""
-    from ngdiag.durable import check_output_file
+    from ngdiag.runs import check_output_file
 
     return check_output_file(path, inputs=inputs, overwrite=overwrite, owned=is_compare_report, what="report file")
 

@@ -871,8 +871,8 @@ def _train_inputs(config: TrainConfig) -> list:
 
 def lock_output_dir(config: TrainConfig):
     """Check ``output_dir`` (not a link or a file, writable, clear of the base, prompts file and reward
-    weights), create and lock it: the returned :class:`~ngdiag.durable.RunFolder` closes the lock."""
-    from ngdiag.durable import lock_output
+    weights), create and lock it: the returned :class:`~ngdiag.runs.RunFolder` closes the lock."""
+    from ngdiag.runs import lock_output
 
     return lock_output(config.output_dir, inputs=_train_inputs(config), what="output_dir")
 

@@ -1,9 +1,4 @@
-"""Durable, resumable, shardable runs: output folders, their lock, atomic files, run state, shards.
-
-A long run (an audit, a sensitivity analysis) writes one part file per batch, atomically, and a
-state file with the fingerprint of its arguments. Rerunning with the same arguments skips the
-batches whose part exists; ``--shard i/n`` runs batches ``b`` with ``b % n == i``. Batches have
-fixed boundaries, so resumed and sharded runs compute exactly what a single run computes.
+"""Output folders: checked before anything happens, one writer at a time, only ngdiag's files touched.
 
 Output folders are handled here only, so that every command follows the same rules:
 
@@ -19,6 +14,9 @@ Output folders are handled here only, so that every command follows the same rul
   the folder's manifest ``.ngdiag-files``; ``--overwrite`` deletes exactly the listed files, a file
   that is not listed is never replaced, and a folder without a manifest (one ngdiag did not write)
   is never overwritten. Nothing is written through a symbolic link.
+
+A durable run (:mod:`ngdiag.runs.engine`) starts or resumes in its folder with
+:meth:`RunFolder.begin` and writes every file through :meth:`RunFolder.write`.
 """
 
 from __future__ import annotations
@@ -30,142 +28,25 @@ import shlex
 import socket
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
+from ngdiag.core.io import atomic_write, atomic_write_text
 from ngdiag.errors import ConfigError
+from ngdiag.runs.state import STATE_FILE, read_state
 
 __all__ = [
-    "parse_shard", "shard_batches", "atomic_write", "atomic_write_text", "read_state", "load_state",
-    "check_not_input", "check_output_folder", "check_output_file", "open_output", "lock_output", "use_output", "load_shards",
-    "RunFolder", "STATE_FILE", "LOCK_FILE", "MANIFEST_FILE",
+    "check_not_input", "check_output_folder", "check_output_file", "open_output", "lock_output", "use_output",
+    "RunFolder", "LOCK_FILE", "MANIFEST_FILE", "Inputs",
 ]
 
-STATE_FILE = "run_state.json"
 LOCK_FILE = ".ngdiag.lock"
 MANIFEST_FILE = ".ngdiag-files"
 _BOOKKEEPING = frozenset({LOCK_FILE, MANIFEST_FILE})
-_MERGE_COMMAND = {"audit": "ngdiag merge", "sensitivity": "ngdiag merge-sensitivity"}
-_RUN_NAME = {"audit": "an audit", "sensitivity": "a sensitivity run"}
 
 #: ``(label, path)`` pairs naming a run's inputs, e.g. ``[("checkpoint", "runs/ft"), ("base", None)]``
 Inputs = Iterable[Tuple[str, object]]
-
-
-# ----------------------------------------------------------------------------- shards
-def parse_shard(spec: Optional[str]) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` -> ``(0, 1)``."""
-    if spec is None:
-        return 0, 1
-    try:
-        i_text, n_text = str(spec).split("/")
-        i, n = int(i_text), int(n_text)
-    except ValueError:
-        raise ConfigError(f"invalid shard {spec!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"invalid shard {spec!r}: need 0 <= i < n")
-    return i, n
-
-
-def shard_batches(num_batches: int, shard: tuple) -> list:
-    i, n = shard
-    return [b for b in range(num_batches) if b % n == i]
-
-
-# ----------------------------------------------------------------------------- atomic files
-def atomic_write(path, writer: Callable[[str], None]) -> None:
-    """Write ``path`` through ``writer(tmp_path)`` and rename: readers never see a partial file.
-
-    The rename replaces a symbolic link at ``path`` itself, never the file it points to.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-# ----------------------------------------------------------------------------- run state
-def read_state(out) -> Optional[dict]:
-    """The run state of ``out``, or ``None`` when it is missing or unreadable."""
-    try:
-        return load_state(out)
-    except ConfigError:
-        return None
-
-
-def load_state(out) -> dict:
-    """The run state of ``out``; :class:`ConfigError` when it is missing, unreadable or malformed."""
-    path = Path(out) / STATE_FILE
-    if not path.is_file():
-        raise ConfigError(f"{out} is not an ngdiag run folder (no {STATE_FILE})")
-    try:
-        state = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is corrupt ({type(exc).__name__}); rerun that shard or remove the folder") from None
-    problem = _state_problem(state)
-    if problem:
-        raise ConfigError(f"{path} is corrupt ({problem}); rerun that shard or remove the folder")
-    return state
-
-
-def _state_problem(state) -> Optional[str]:
-    if not isinstance(state, dict):
-        return "not a JSON object"
-    for key, kind in (("kind", str), ("fingerprint", str), ("complete", bool), ("config", dict), ("checkpoint", dict)):
-        if not isinstance(state.get(key), kind):
-            return f"{key!r} missing or not a {kind.__name__}"
-    shard = state.get("shard")
-    if (not isinstance(shard, list) or len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
-            or not 0 <= shard[0] < shard[1]):
-        return "'shard' is not [i, n] with 0 <= i < n"
-    return None
-
-
-def load_shards(shard_dirs: Sequence, kind: str) -> tuple[list, int]:
-    """Validate the finished shards of one ``kind`` run: ``([(folder, state)] by shard index, n)``.
-
-    Every folder must hold a complete ``kind`` run with the same fingerprint and the same ``n``,
-    and the shards must be ``0 .. n-1``, each exactly once.
-    """
-    if not shard_dirs:
-        raise ConfigError("no shard folders given")
-    states = []
-    for d in shard_dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise ConfigError(f"shard folder {d} does not exist" if not d.exists() else f"{d} is not a folder")
-        state = load_state(d)
-        if state["kind"] != kind:
-            hint = f"; join it with {_MERGE_COMMAND[state['kind']]}" if state["kind"] in _MERGE_COMMAND else ""
-            raise ConfigError(f"{d} holds an ngdiag {state['kind']} run, not {_RUN_NAME.get(kind, kind)}{hint}")
-        if not state["complete"]:
-            raise ConfigError(f"the {kind} run in {d} is not finished; rerun it with the same arguments to resume")
-        states.append((d, state))
-    if len({s["fingerprint"] for _, s in states}) != 1:
-        raise ConfigError(f"these folders hold {kind} runs with different arguments; merge the shards of one run only")
-    ns = sorted({s["shard"][1] for _, s in states})
-    if len(ns) != 1:
-        raise ConfigError(f"these folders hold shards of different splits (n = {', '.join(map(str, ns))}); merge the shards of one split")
-    n = ns[0]
-    real = [os.path.realpath(d) for d, _ in states]
-    shards = sorted(s["shard"][0] for _, s in states)
-    if shards != list(range(n)) or len(set(real)) != len(real):
-        raise ConfigError(f"incomplete or repeated shards {shards} of {n}; merge all of 0..{n - 1} exactly once")
-    return sorted(states, key=lambda ds: ds[1]["shard"][0]), n
 
 
 # ----------------------------------------------------------------------------- path checks
@@ -527,6 +408,7 @@ class RunFolder:
         return target
 
     def write_text(self, rel, text: str) -> Path:
+        """:meth:`write` of UTF-8 ``text``."""
         return self.write(rel, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
     def clear(self) -> None:
