@@ -26,7 +26,7 @@ from ngdiag.sampling import SampleResult, sample
 
 __all__ = [
     "SamplingConfig", "SampleSet", "PreparedBatch", "prepare_batch", "generate", "sample_seeds", "recorded_sampling",
-    "sampling_settings_from_file",
+    "sampling_settings_from_file", "TRAINING_SAMPLING_KEYS",
     "MAX_IMAGE_SIDE", "MAX_STEPS", "MAX_SAMPLES", "MAX_BATCH_SIZE", "MAX_BATCH_PIXELS", "MAX_SEED",
 ]
 
@@ -175,9 +175,10 @@ class SamplingConfig:
 
 
 # ----------------------------------------------------------------------------- recorded settings
-#: SamplingConfig fields and their keys in an ngdiag training config's ``sampling`` section.
-_NGDIAG_SAMPLING_KEYS = {"num_steps": "steps", "guidance_scale": "guidance", "height": "height", "width": "width",
-                         "max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt"}
+#: SamplingConfig fields and their keys in an ngdiag training config's ``sampling`` section (the one
+#: place that maps them: the training config reads and writes its section with it).
+TRAINING_SAMPLING_KEYS = {"num_steps": "steps", "guidance_scale": "guidance", "height": "height", "width": "width",
+                          "max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt"}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -209,7 +210,7 @@ def sampling_settings_from_file(path) -> dict:
     out = {}
     if isinstance(data.get("sampling"), dict):
         section = data["sampling"]
-        for name, key in _NGDIAG_SAMPLING_KEYS.items():
+        for name, key in TRAINING_SAMPLING_KEYS.items():
             if section.get(key) is not None:
                 out[name] = section[key]
     elif isinstance(data.get("train"), dict):
