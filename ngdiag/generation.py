@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ngdiag.core.configs import read_yaml_mapping
 from ngdiag.errors import ConfigError
 from ngdiag.models.families import SUPPORTED_FAMILIES, Conditioning, call_kwargs_for
 from ngdiag.models.loading import Checkpoint
@@ -181,20 +182,6 @@ TRAINING_SAMPLING_KEYS = {"num_steps": "steps", "guidance_scale": "guidance", "h
                           "max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt"}
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {path}: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a mapping of config keys")
-    return data
-
-
 def sampling_settings_from_file(path) -> dict:
     """The sampling settings of a training config, as :class:`SamplingConfig` field values.
 
@@ -204,9 +191,7 @@ def sampling_settings_from_file(path) -> dict:
     settings the model was trained with). Unset values are left out.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sampling config not found: {path}")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path, "sampling config")
     out = {}
     if isinstance(data.get("sampling"), dict):
         section = data["sampling"]
