@@ -35,8 +35,6 @@ Example:
     ['lora.rank: 16 -> 8']
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import difflib
