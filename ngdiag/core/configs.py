@@ -38,6 +38,7 @@ Example:
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from pathlib import Path
@@ -88,12 +89,22 @@ def _build(cls, data, prefix: str, keys: dict, base):
             raise _unknown_key(key, by_key, prefix)
         name = by_key[key]
         kwargs[name] = _field_value(fields[name], hints[name], value, f"{prefix}{key}")
+    make = cls if base is None else functools.partial(dataclasses.replace, base)
     try:
-        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
-    except ConfigError as exc:  # a dataclass that checks its values (SamplingConfig)
+        return make(**kwargs)
+    except ConfigError as exc:  # a dataclass that checks its values (SamplingConfig): name the key
         if not prefix:
             raise
-        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None
+        where = prefix.rstrip(".")
+        for name, value in kwargs.items():
+            try:
+                make(**{name: value})
+            except ConfigError:
+                where = f"{prefix}{keys[name]}"
+                break
+            except TypeError:  # other fields are required: this one alone cannot be checked
+                continue
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _field_default(f: dataclasses.Field):
