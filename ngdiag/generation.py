@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ngdiag.core.configs import read_yaml_mapping
 from ngdiag.errors import ConfigError
 from ngdiag.models.families import SUPPORTED_FAMILIES, Conditioning, call_kwargs_for
 from ngdiag.models.loading import Checkpoint
@@ -26,7 +27,7 @@ from ngdiag.sampling import SampleResult, sample
 
 __all__ = [
     "SamplingConfig", "SampleSet", "PreparedBatch", "prepare_batch", "generate", "recorded_sampling",
-    "sampling_settings_from_file",
+    "sampling_settings_from_file", "TRAINING_SAMPLING_KEYS",
     "MAX_IMAGE_SIDE", "MAX_STEPS", "MAX_SAMPLES", "MAX_BATCH_SIZE", "MAX_BATCH_PIXELS", "MAX_SEED",
 ]
 
@@ -175,23 +176,10 @@ class SamplingConfig:
 
 
 # ----------------------------------------------------------------------------- recorded settings
-#: SamplingConfig fields and their keys in an ngdiag training config's ``sampling`` section.
-_NGDIAG_SAMPLING_KEYS = {"num_steps": "steps", "guidance_scale": "guidance", "height": "height", "width": "width",
-                         "max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt"}
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {path}: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a mapping of config keys")
-    return data
+#: SamplingConfig fields and their keys in an ngdiag training config's ``sampling`` section (the one
+#: place that maps them: the training config reads and writes its section with it).
+TRAINING_SAMPLING_KEYS = {"num_steps": "steps", "guidance_scale": "guidance", "height": "height", "width": "width",
+                          "max_sequence_length": "max_sequence_length", "negative_prompt": "negative_prompt"}
 
 
 def sampling_settings_from_file(path) -> dict:
@@ -203,13 +191,11 @@ def sampling_settings_from_file(path) -> dict:
     settings the model was trained with). Unset values are left out.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sampling config not found: {path}")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path, "sampling config")
     out = {}
     if isinstance(data.get("sampling"), dict):
         section = data["sampling"]
-        for name, key in _NGDIAG_SAMPLING_KEYS.items():
+        for name, key in TRAINING_SAMPLING_KEYS.items():
             if section.get(key) is not None:
                 out[name] = section[key]
     elif isinstance(data.get("train"), dict):

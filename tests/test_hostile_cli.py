@@ -182,6 +182,7 @@ def _train_config(base, out, **changes) -> dict:
     ("rank beyond the layers", ["lora.rank=100000000"], "lora.rank=100000000 exceeds the targeted layers' dimensions"),
     ("logit mean nan", ["timesteps.logit_mean=nan"], "timesteps.logit_mean must be a finite number"),
     ("guidance inf", ["sampling.guidance=.inf"], "sampling.guidance must be a finite number"),
+    ("steps beyond the sampler", ["sampling.steps=5000"], "sampling.steps: the number of steps must lie in [1, 1000], got 5000"),
     ("negative seed", ["seed=-1"], "seed must lie in [0, 2**63 - 1]"),
     ("format xml", ["--format", "xml"], "got 'xml'"),
     ("config not UTF-8", [], "is not UTF-8 text"),

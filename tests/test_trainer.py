@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ngdiag.core.configs import apply_overrides
 from ngdiag.errors import ConfigError
 from ngdiag.train.advantages import dpo_pairs, group_advantages
-from ngdiag.train.config import TrainConfig, apply_overrides, load_config
+from ngdiag.train.config import TrainConfig, load_config
 from ngdiag.train.timesteps import sample_timesteps, time_shift
 from ngdiag.train.trainer import latest_checkpoint, read_metrics, rollout_plan, train
 from tests.helpers import run_cli
@@ -263,6 +265,55 @@ def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(base, tmp_
                 continue
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key}")
     assert [r["reward_mean"] for r in read_metrics(out)] == [r["reward_mean"] for r in clean.metrics]
+
+
+OLD_RUN = Path(__file__).parent / "data" / "train_run_0.1.0"
+
+
+def test_a_run_folder_written_by_ngdiag_0_1_0_resumes_and_matches_an_uninterrupted_run(base, tmp_path):
+    """``tests/data/train_run_0.1.0`` is ``checkpoint-1`` of a 2-iteration NFT run (old policy EMA 0.5,
+    NormGuard 0.5, 2 optimizer steps per iteration) that ngdiag 0.1.0 wrote (commit cbb6dbd, before the
+    trainer was split into modules and ``sampling:`` became a SamplingConfig), on this module's planted
+    base; its paths are replaced by @BASE@ and @OUTPUT_DIR@, the rest is byte for byte as written."""
+    from safetensors.torch import load_file as load
+
+    from ngdiag.train.trainer import Trainer
+
+    old = tmp_path / "old"
+    shutil.copytree(OLD_RUN, old)
+    for path in (old / "config.yaml", old / "run.json", old / "checkpoint-1" / "adapter_config.json"):
+        path.write_text(path.read_text().replace("@BASE@", str(base)).replace("@OUTPUT_DIR@", str(old)))
+    data = _cfg(base, old, nft={"old_decay": 0.5}, normguard={"lam": 0.5}, checkpoint_every=1,
+                optimizer={"lr": 0.05, "micro_batch_size": 4, "steps_per_iteration": 2})
+    written = load(str(OLD_RUN / "checkpoint-1" / "trainer_state.safetensors"))
+
+    # the old trainer state loads as it was written: LoRA weights, old policy, optimizer state, RNG
+    trainer = Trainer(TrainConfig.from_dict(data).validate())
+    trainer.load_state(old / "checkpoint-1")
+    assert trainer.iteration == 1 and trainer.policy.old_is_current is False
+    restored = trainer.state_tensors()
+    assert restored.keys() == written.keys()
+    for key in written:
+        torch.testing.assert_close(restored[key], written[key], rtol=0, atol=0, msg=key)
+    del trainer
+
+    # the same config resumes it (the old config.yaml and run.json are accepted) and keeps its first metrics line
+    first_line = (old / "metrics.jsonl").read_text().splitlines()[0]
+    resumed = _run(data)
+    assert resumed.resumed_from == 1 and resumed.iterations_done == 2
+    assert [r["iteration"] for r in resumed.metrics] == [0, 1]
+    assert (old / "metrics.jsonl").read_text().splitlines()[0] == first_line
+
+    # and gives the parameters of an uninterrupted run (measured: identical to the bit on the machine that
+    # wrote the fixture; the tolerance allows the float kernels of another CPU)
+    clean = _run({**data, "output_dir": str(tmp_path / "clean")})
+    for n, ours in ((1, OLD_RUN / "checkpoint-1"), (2, old / "checkpoint-2")):
+        for name in ("adapter_model.safetensors", "trainer_state.safetensors"):
+            a, b = load(str(ours / name)), load(str(clean.output_dir / f"checkpoint-{n}" / name))
+            assert a.keys() == b.keys()
+            for key in a:
+                if not key.startswith("rng."):
+                    torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"checkpoint-{n}/{name}:{key}")
 
 
 def test_resume_refuses_a_different_config_but_allows_more_iterations(base, tmp_path):

@@ -15,6 +15,7 @@ from typing import Annotated, Callable, List, Optional, Sequence
 
 import typer
 
+from ngdiag.core.configs import read_text
 from ngdiag.errors import ConfigError
 
 FORMATS = ("human", "json")
@@ -109,19 +110,6 @@ def torch_dtype(name: str):
     return getattr(torch, check_dtype(name))
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """The UTF-8 text of ``path``; a one-line :class:`ConfigError` when it is missing or not UTF-8."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (undecodable byte at position {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or type(exc).__name__}") from None
-
-
 def read_prompts(prompts_file: Optional[Path], prompts: Optional[List[str]], notes: Optional[list] = None) -> list:
     """Prompts from ``--prompts FILE`` (one per line, blank lines ignored) and/or ``--prompt``.
 
@@ -129,7 +117,7 @@ def read_prompts(prompts_file: Optional[Path], prompts: Optional[List[str]], not
     """
     out = []
     if prompts_file is not None:
-        lines = [line.strip() for line in read_text_file(prompts_file, "prompt file").splitlines()]
+        lines = [line.strip() for line in read_text(prompts_file, "prompt file").splitlines()]
         file_prompts = [line for line in lines if line]
         if not file_prompts:
             raise ConfigError(f"prompt file {prompts_file} has no prompts (it is empty or blank)")

@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
         first = load_run(run_a, "A")
         # the report path is checked before any model is loaded (the runs are only read here)
         check_compare_output(out, run_inputs([first, load_run(run_b, "B")]), overwrite=overwrite)
-        guidance = first.config.sampling.guidance if guidance_scale is None else guidance_scale
+        guidance = first.config.sampling.guidance_scale if guidance_scale is None else guidance_scale
         where = "command line (--guidance-scale)" if guidance_scale is not None else f"{first.path / 'config.yaml'}"
         notes = [f"compare: {', '.join(map(str, step_list))} steps, guidance {guidance:g} (guidance: {where}), "
                  f"{num_samples} samples per model and step count"]

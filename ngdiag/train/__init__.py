@@ -1,35 +1,18 @@
 """Training with the NormGuard penalty (paper eq. 7-8) on top of velocity-local losses.
 
-The losses are pure functions on tensors (:mod:`ngdiag.train.losses`); the trainer, its config
-and the ``ngdiag train`` command build on them.
+The losses are pure functions on tensors (:mod:`ngdiag.train.losses`, all exported here); the
+trainer (:mod:`ngdiag.train.trainer`: the loop, with :mod:`~ngdiag.train.rollouts`,
+:mod:`~ngdiag.train.policy`, :mod:`~ngdiag.train.run_folder`, :mod:`~ngdiag.train.distributed` and
+one module per method in :mod:`ngdiag.train.methods`), its config and the ``ngdiag train``
+command build on them.
 """
 
+from ngdiag.train import losses
 from ngdiag.train.config import TrainConfig, load_config
-from ngdiag.train.losses import (
-    LossTerms,
-    NormGuardTerms,
-    awm_loss,
-    dpo_loss,
-    flow_matching_loss,
-    nft_loss,
-    normguard_penalty,
-    with_normguard,
-)
+from ngdiag.train.losses import *  # noqa: F401,F403 (the names of losses.__all__)
 
-__all__ = [
-    "TrainConfig",
-    "load_config",
-    "train",
-    "compare_runs",
-    "LossTerms",
-    "NormGuardTerms",
-    "normguard_penalty",
-    "with_normguard",
-    "flow_matching_loss",
-    "nft_loss",
-    "awm_loss",
-    "dpo_loss",
-]
+__all__ = ["TrainConfig", "load_config", "train", "compare_runs"]
+__all__ += losses.__all__
 
 
 def __getattr__(name):

@@ -18,6 +18,7 @@ context it passes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import yaml
 
 from ngdiag.errors import ConfigError
 from ngdiag.train.config import TrainConfig
-from ngdiag.train.trainer import CONFIG_FILE, latest_checkpoint, read_metrics
+from ngdiag.train.run_folder import CONFIG_FILE, latest_checkpoint, read_metrics
 
 __all__ = ["RunInfo", "CompareResult", "compare_runs", "load_run", "run_inputs", "check_compare_output", "HISTORY_COLUMNS"]
 
@@ -77,7 +78,7 @@ class RunInfo:
 
 
 def load_run(path, label: str) -> RunInfo:
-    """Read a run folder written by :func:`ngdiag.train.trainer.train`."""
+    """Read a run folder written by :func:`ngdiag.train.trainer.train` (:mod:`ngdiag.train.run_folder`)."""
     folder = Path(path).resolve()
     cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
@@ -165,8 +166,8 @@ class CompareResult:
         interval), from which the report writes its conclusion; ``title``, ``notes``, ``config`` (the compare settings and the config keys in
         which the runs differ) and ``versions``.
         """
+        from ngdiag.core.configs import config_diff
         from ngdiag.runs import versions
-        from ngdiag.train.config import config_diff
 
         names = {"base": "base", **{r.label: r.display for r in self.runs}}
         first = self.steps[0]
@@ -331,7 +332,6 @@ def compare_runs(
         ConfigError: a folder that is not a run, runs trained from different bases, bad settings.
     """
     from ngdiag.audit import AuditConfig, run_audit
-    from ngdiag.generation import SamplingConfig
     from ngdiag.models.loading import load_checkpoint
     from ngdiag.train.config import check_reward_spec
 
@@ -349,7 +349,7 @@ def compare_runs(
     check_reward_spec(spec)
     cfg = runs[0].config
     prompts = cfg.rollouts.load_prompts()
-    guidance = cfg.sampling.guidance if guidance_scale is None else float(guidance_scale)
+    guidance = cfg.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
 
     per_step, rewards, rows = [], [], []
     images: Dict[str, dict] = {}
@@ -358,10 +358,7 @@ def compare_runs(
     for run in runs:
         ckpt = load_checkpoint(run.checkpoint, base, device=device)
         for k in steps:
-            sampling = SamplingConfig(
-                num_steps=k, guidance_scale=guidance, height=cfg.sampling.height, width=cfg.sampling.width,
-                max_sequence_length=cfg.sampling.max_sequence_length, negative_prompt=cfg.sampling.negative_prompt,
-            )
+            sampling = dataclasses.replace(cfg.sampling, num_steps=k, guidance_scale=guidance)
             audit = AuditConfig(prompts=prompts, num_samples=int(num_samples), sampling=sampling, seed=int(seed),
                                 batch_size=int(batch_size), reward=spec, grid_size=int(grid_size))
             result = run_audit(ckpt, audit, report=False)

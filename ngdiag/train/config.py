@@ -26,15 +26,27 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import yaml
 
+from ngdiag.core import configs
+from ngdiag.core.configs import (
+    CONFIG_KEYS,
+    check_at_least,
+    check_choice,
+    check_nonneg,
+    check_positive,
+    read_text,
+    read_yaml_mapping,
+)
 from ngdiag.errors import ConfigError
+from ngdiag.generation import MAX_SEED, TRAINING_SAMPLING_KEYS, SamplingConfig
 from ngdiag.train.advantages import ADVANTAGE_NORMALIZATIONS
+from ngdiag.train.methods import METHODS as METHOD_CLASSES
+from ngdiag.train.methods import AWMConfig, DPOConfig, FMConfig, Method, NFTConfig
 from ngdiag.train.timesteps import TIMESTEP_KINDS
 
 __all__ = [
@@ -47,31 +59,27 @@ __all__ = [
     "DPOConfig",
     "FMConfig",
     "NormGuardConfig",
-    "SamplingSettings",
     "TimestepConfig",
     "OptimizerConfig",
     "RolloutConfig",
     "AdvantageConfig",
     "MonitorConfig",
     "load_config",
-    "apply_overrides",
-    "config_diff",
+    "check_lora_fits",
+    "check_reward_spec",
     "RESUMABLE_CHANGES",
 ]
 
-METHODS = ("nft", "awm", "dpo", "fm")
+METHODS = tuple(METHOD_CLASSES)
 """Training methods: DiffusionNFT, Advantage Weighted Matching, Diffusion-DPO, flow matching."""
 
-FM_WEIGHTINGS = ("positive", "exp", "uniform")
 MIXED_PRECISION = ("auto", "no", "bf16")
 DTYPES = ("float32", "bfloat16", "float16")
-AWM_WEIGHTINGS = ("Uniform", "t", "t**2", "huber", "ghuber")
 
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every")
 """Config keys a rerun may change and still resume the run in its output folder."""
 
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-MAX_SEED = 2**63 - 1
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -107,83 +115,10 @@ class LoraSettings:
 
 
 @dataclass
-class NFTConfig:
-    """DiffusionNFT (:func:`ngdiag.train.losses.nft_loss`).
-
-    Attributes:
-        beta: mixing strength of the implicit positive / negative policies (``> 0``).
-        adv_clip_max: advantages are clipped to ``[-adv_clip_max, adv_clip_max]``.
-        kl_beta: weight of the velocity KL to the reference (needs a reference forward when ``> 0``).
-        old_decay: the old policy is an EMA of the LoRA weights, updated after every iteration:
-            ``old <- d old + (1 - d) theta``; ``0`` makes it the policy that sampled the rollouts.
-    """
-
-    beta: float = 1.0
-    adv_clip_max: float = 5.0
-    kl_beta: float = 0.0
-    old_decay: float = 0.0
-
-
-@dataclass
-class AWMConfig:
-    """Advantage Weighted Matching (:func:`ngdiag.train.losses.awm_loss`); ``old_decay`` as for NFT.
-
-    The old policy supplies both the PPO ratio's denominator and, when ``ema_kl_beta > 0``, the
-    EMA velocity of the EMA KL term.
-    """
-
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    weighting: str = "Uniform"
-    ghuber_power: float = 0.25
-    kl_beta: float = 0.0
-    ema_kl_beta: float = 0.0
-    old_decay: float = 0.0
-
-
-@dataclass
-class DPOConfig:
-    """Online Diffusion-DPO (:func:`ngdiag.train.losses.dpo_loss`).
-
-    Pairs are formed in each prompt group: the j-th best rollout against the j-th worst, for
-    ``j < pairs_per_group`` (1: best against worst, as Flow-Factory; at most ``group_size // 2``).
-    Both arms of a pair share the noise and ``t``.
-    """
-
-    beta: float = 2000.0
-    pairs_per_group: int = 1
-
-
-@dataclass
-class FMConfig:
-    """Reward-weighted flow matching on the rollouts (:func:`ngdiag.train.losses.flow_matching_loss`).
-
-    ``weighting``: ``"positive"`` trains on rollouts with a positive advantage (weight 1, else 0);
-    ``"exp"`` uses ``w_i = exp(A_i / temperature)`` normalized to mean 1 over the iteration's
-    rollouts; ``"uniform"`` is plain flow matching on the model's own samples (a control).
-    """
-
-    weighting: str = "positive"
-    temperature: float = 1.0
-
-
-@dataclass
 class NormGuardConfig:
     """The NormGuard hinge (paper eq. 7-8): ``lam * max(0, (||v_theta||^2 - ||v_ref||^2) / ||v_ref||^2)``."""
 
     lam: float = 0.0
-
-
-@dataclass
-class SamplingSettings:
-    """How rollouts are sampled (Euler, the family's own schedule). Unset sizes use the pipeline's defaults."""
-
-    steps: int = 10
-    guidance: float = 4.5
-    height: Optional[int] = None
-    width: Optional[int] = None
-    max_sequence_length: Optional[int] = None
-    negative_prompt: Optional[str] = None
 
 
 @dataclass
@@ -245,7 +180,7 @@ class RolloutConfig:
         out: List[str] = []
         if self.prompts_file:
             path = Path(self.prompts_file)
-            out += [line.strip() for line in _read_text(path, "prompt file").splitlines() if line.strip()]
+            out += [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
             if not out:
                 raise ConfigError(f"prompt file {path} has no prompts (it is empty or blank)")
         out += [str(p) for p in self.prompts]
@@ -285,7 +220,8 @@ class TrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     fm: FMConfig = field(default_factory=FMConfig)
     normguard: NormGuardConfig = field(default_factory=NormGuardConfig)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_steps=10),
+                                     metadata={CONFIG_KEYS: TRAINING_SAMPLING_KEYS})
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     rollouts: RolloutConfig = field(default_factory=RolloutConfig)
@@ -301,43 +237,40 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Optional[dict], *, validate: bool = False) -> "TrainConfig":
         """Build from nested dicts (unknown keys and wrong types raise :class:`ConfigError`)."""
-        config = _build(cls, data or {}, "")
+        config = configs.build(cls, data or {})
         if validate:
             config.validate()
         return config
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The nested dict of the config, with the YAML keys (``sampling.steps``, ``sampling.guidance``...)."""
+        return configs.to_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     # ------------------------------------------------------------------ derived
+    def make_method(self) -> Method:
+        """The :class:`~ngdiag.train.methods.base.Method` of ``method``, with its section and ``normguard.lam``."""
+        return METHOD_CLASSES[self.method](getattr(self, self.method), self.normguard.lam)
+
     @property
     def needs_reference(self) -> bool:
         """Whether a loss term needs ``v_ref`` (NormGuard, a KL to the reference, DPO)."""
-        if self.method == "dpo" or self.normguard.lam > 0:
-            return True
-        if self.method == "nft":
-            return self.nft.kl_beta > 0
-        if self.method == "awm":
-            return self.awm.kl_beta > 0
-        return False
+        return self.make_method().needs_reference
 
     @property
     def needs_old_policy(self) -> bool:
-        return self.method in ("nft", "awm")
+        return METHOD_CLASSES[self.method].uses_old_policy
 
     @property
     def old_decay(self) -> float:
-        return {"nft": self.nft.old_decay, "awm": self.awm.old_decay}.get(self.method, 0.0)
+        return self.make_method().old_decay
 
     @property
     def training_units(self) -> int:
         """Units per iteration: rollouts, or winner / loser pairs for DPO."""
-        if self.method == "dpo":
-            return int(self.rollouts.prompts_per_iteration) * int(self.dpo.pairs_per_group)
-        return self.rollouts.samples_per_iteration
+        return self.make_method().units_per_iteration(self.rollouts)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
@@ -346,86 +279,65 @@ class TrainConfig:
             close = difflib.get_close_matches(str(self.method), METHODS, n=1, cutoff=0.4)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown method {self.method!r}{hint} (choose one of {', '.join(METHODS)})")
+        method = self.make_method()
         if not self.model.base:
             raise ConfigError("model.base is required: the pretrained diffusers pipeline folder")
-        _choice("model.mixed_precision", self.model.mixed_precision, MIXED_PRECISION)
-        _choice("model.dtype", self.model.dtype, DTYPES)
+        check_choice("model.mixed_precision", self.model.mixed_precision, MIXED_PRECISION)
+        check_choice("model.dtype", self.model.dtype, DTYPES)
         if not (self.model.device == "auto" or self.model.device == "cpu" or self.model.device.startswith("cuda")):
             raise ConfigError(f"model.device must be auto, cpu or cuda[:N], got {self.model.device!r}")
         lam = float(self.normguard.lam)
         if not math.isfinite(lam) or lam < 0:
             raise ConfigError(f"normguard.lam must be a finite number >= 0, got {self.normguard.lam}")
-        _at_least("lora.rank", self.lora.rank, 1)
-        _positive("lora.alpha", self.lora.alpha)
+        check_at_least("lora.rank", self.lora.rank, 1)
+        check_positive("lora.alpha", self.lora.alpha)
         if not 0 <= self.lora.dropout < 1:
             raise ConfigError(f"lora.dropout must lie in [0, 1), got {self.lora.dropout}")
         if not self.lora.target_modules:
             raise ConfigError("lora.target_modules must name at least one module")
-        _positive("nft.beta", self.nft.beta)
-        _positive("nft.adv_clip_max", self.nft.adv_clip_max)
-        _nonneg("nft.kl_beta", self.nft.kl_beta)
-        _positive("awm.adv_clip_max", self.awm.adv_clip_max)
-        _nonneg("awm.clip_range", self.awm.clip_range)
-        if self.awm.clip_range >= 1:
-            raise ConfigError(f"awm.clip_range must be < 1, got {self.awm.clip_range}")
-        _choice("awm.weighting", self.awm.weighting, AWM_WEIGHTINGS)
-        _positive("awm.ghuber_power", self.awm.ghuber_power)
-        _nonneg("awm.kl_beta", self.awm.kl_beta)
-        _nonneg("awm.ema_kl_beta", self.awm.ema_kl_beta)
-        for name, decay in (("nft.old_decay", self.nft.old_decay), ("awm.old_decay", self.awm.old_decay)):
-            if not 0 <= decay < 1:
-                raise ConfigError(f"{name} must lie in [0, 1), got {decay}")
-        _positive("dpo.beta", self.dpo.beta)
-        _at_least("dpo.pairs_per_group", self.dpo.pairs_per_group, 1)
-        _choice("fm.weighting", self.fm.weighting, FM_WEIGHTINGS)
-        _positive("fm.temperature", self.fm.temperature)
-        _at_least("sampling.steps", self.sampling.steps, 1)
-        _nonneg("sampling.guidance", self.sampling.guidance)
-        for name in ("height", "width", "max_sequence_length"):
-            value = getattr(self.sampling, name)
-            if value is not None:
-                _at_least(f"sampling.{name}", value, 1)
-        _choice("timesteps.kind", self.timesteps.kind, TIMESTEP_KINDS)
-        _at_least("timesteps.num", self.timesteps.num, 1)
-        _positive("timesteps.shift", self.timesteps.shift)
+        for name in METHODS:  # every method's section, whichever method runs
+            getattr(self, name).validate()
+        try:  # SamplingConfig checks its values when built; a value changed since is checked here
+            dataclasses.replace(self.sampling)
+        except ConfigError as exc:
+            raise ConfigError(f"sampling: {exc}") from None
+        check_choice("timesteps.kind", self.timesteps.kind, TIMESTEP_KINDS)
+        check_at_least("timesteps.num", self.timesteps.num, 1)
+        check_positive("timesteps.shift", self.timesteps.shift)
         if not 0 <= self.timesteps.t_min < self.timesteps.t_max <= 1:
             raise ConfigError(
                 f"timesteps need 0 <= t_min < t_max <= 1, got t_min={self.timesteps.t_min}, t_max={self.timesteps.t_max}"
             )
-        _positive("timesteps.logit_std", self.timesteps.logit_std)
-        _positive("optimizer.lr", self.optimizer.lr)
-        _nonneg("optimizer.weight_decay", self.optimizer.weight_decay)
+        check_positive("timesteps.logit_std", self.timesteps.logit_std)
+        check_positive("optimizer.lr", self.optimizer.lr)
+        check_nonneg("optimizer.weight_decay", self.optimizer.weight_decay)
         if len(self.optimizer.betas) != 2 or not all(0 <= b < 1 for b in self.optimizer.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.optimizer.betas}")
-        _positive("optimizer.eps", self.optimizer.eps)
+        check_positive("optimizer.eps", self.optimizer.eps)
         if self.optimizer.max_grad_norm is not None:
-            _nonneg("optimizer.max_grad_norm", self.optimizer.max_grad_norm)
-        _at_least("optimizer.steps_per_iteration", self.optimizer.steps_per_iteration, 1)
-        _at_least("optimizer.micro_batch_size", self.optimizer.micro_batch_size, 1)
-        _at_least("rollouts.group_size", self.rollouts.group_size, 2 if self.method == "dpo" else 1)
-        _at_least("rollouts.prompts_per_iteration", self.rollouts.prompts_per_iteration, 1)
-        _at_least("rollouts.batch_size", self.rollouts.batch_size, 1)
-        if self.method == "dpo" and self.dpo.pairs_per_group > self.rollouts.group_size // 2:
-            raise ConfigError(
-                f"dpo.pairs_per_group must be at most group_size // 2 = {self.rollouts.group_size // 2}, "
-                f"got {self.dpo.pairs_per_group}"
-            )
+            check_nonneg("optimizer.max_grad_norm", self.optimizer.max_grad_norm)
+        check_at_least("optimizer.steps_per_iteration", self.optimizer.steps_per_iteration, 1)
+        check_at_least("optimizer.micro_batch_size", self.optimizer.micro_batch_size, 1)
+        check_at_least("rollouts.group_size", self.rollouts.group_size, method.min_group_size)
+        check_at_least("rollouts.prompts_per_iteration", self.rollouts.prompts_per_iteration, 1)
+        check_at_least("rollouts.batch_size", self.rollouts.batch_size, 1)
+        method.check_rollouts(self.rollouts)
         if not self.rollouts.prompts and not self.rollouts.prompts_file:
             raise ConfigError("no prompts: set rollouts.prompts (a list) or rollouts.prompts_file")
         if any(not str(p).strip() for p in self.rollouts.prompts):
             raise ConfigError("rollouts.prompts must not contain empty prompts")
         self.rollouts.load_prompts()
-        _choice("advantages.normalize", self.advantages.normalize, ADVANTAGE_NORMALIZATIONS)
-        _nonneg("advantages.eps", self.advantages.eps)
-        if self.training_units % int(self.optimizer.steps_per_iteration):
-            what = "pairs" if self.method == "dpo" else "rollouts"
+        check_choice("advantages.normalize", self.advantages.normalize, ADVANTAGE_NORMALIZATIONS)
+        check_nonneg("advantages.eps", self.advantages.eps)
+        units = method.units_per_iteration(self.rollouts)
+        if units % int(self.optimizer.steps_per_iteration):
             raise ConfigError(
-                f"the {self.training_units} {what} per iteration do not split into "
+                f"the {units} {method.unit} per iteration do not split into "
                 f"optimizer.steps_per_iteration={self.optimizer.steps_per_iteration} equal chunks"
             )
         check_reward_spec(self.reward)
-        _at_least("iterations", self.iterations, 1)
-        _at_least("checkpoint_every", self.checkpoint_every, 1)
+        check_at_least("iterations", self.iterations, 1)
+        check_at_least("checkpoint_every", self.checkpoint_every, 1)
         if not 0 <= int(self.seed) <= MAX_SEED:
             raise ConfigError(f"seed must lie in [0, 2**63 - 1], got {self.seed}")
         if not self.output_dir:
@@ -511,162 +423,6 @@ def check_reward_spec(spec: str) -> None:
     parse_reward_spec(str(spec))  # options, and whether the weights exist (nothing is loaded)
 
 
-# ----------------------------------------------------------------------------------------- helpers
-def _read_text(path: Path, what: str) -> str:
-    """The UTF-8 text of ``path``; a one-line :class:`ConfigError` when it is missing or not UTF-8."""
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (undecodable byte at position {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or type(exc).__name__}") from None
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
-
-
-def _at_least(name: str, value, low: int) -> None:
-    if int(value) < low:
-        raise ConfigError(f"{name} must be at least {low}, got {value}")
-
-
-def _positive(name: str, value) -> None:
-    if not math.isfinite(float(value)) or float(value) <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-
-
-def _nonneg(name: str, value) -> None:
-    if not math.isfinite(float(value)) or float(value) < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def _unknown_key(key: str, known, prefix: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-
-
-def _build(cls, data, prefix: str):
-    if not isinstance(data, dict):
-        where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        key = str(key)
-        if key not in names:
-            raise _unknown_key(key, names, prefix)
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(tp, value, name: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(inner, value, name)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        return _build(tp, value, name + ".")
-    if origin in (list, List):
-        (item,) = args or (Any,)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(item, v, name) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.strip().lower() in ("true", "yes", "1")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def config_diff(old: dict, new: dict, *, skip=(), prefix: str = "") -> List[str]:
-    """The keys whose values differ between two nested config dicts, as ``"key: old -> new"`` lines.
-
-    Keys in ``skip`` (dotted names, e.g. ``"iterations"``) are ignored.
-    """
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        name = f"{prefix}{key}"
-        if name in skip:
-            continue
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_diff(a, b, skip=skip, prefix=name + ".")
-        elif a != b:
-            diffs.append(f"{name}: {a!r} -> {b!r}")
-    return diffs
-
-
-def apply_overrides(data: dict, overrides) -> dict:
-    """Apply ``"key.sub=value"`` overrides to nested dicts (values parsed as YAML scalars)."""
-    data = dict(data)
-    for item in overrides or []:
-        key, eq, text = str(item).partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ConfigError(f"invalid override {item!r}: expected key.sub=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        parts = key.split(".")
-        node = data
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is not a section; cannot set '{key}'")
-            else:
-                child = dict(child)
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
 def load_config(path, overrides=None) -> TrainConfig:
     """Read a YAML config, apply ``--set`` overrides, validate it and resolve its paths.
 
@@ -677,19 +433,7 @@ def load_config(path, overrides=None) -> TrainConfig:
     Raises:
         ConfigError: missing or unreadable file, invalid YAML, unknown key, bad value.
     """
-    path = Path(path)
-    text = _read_text(path, "config file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"cannot parse {path}{where}: invalid YAML") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys")
-    data = apply_overrides(data, overrides)
+    data = configs.apply_overrides(read_yaml_mapping(path, "config file"), overrides)
     config = TrainConfig.from_dict(data)
     config.resolve_paths()
     return config.validate()

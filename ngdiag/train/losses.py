@@ -124,12 +124,17 @@ def _check_batched(name: str, v: torch.Tensor) -> None:
         raise ConfigError(f"{name} needs a non-empty batch dimension, got shape {tuple(v.shape)}.")
 
 
-def _check_like(name: str, v: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    _check_batched(name, v)
-    if v.shape != ref.shape:
-        raise ConfigError(
-            f"{name} must have the shape of {ref_name}, got {tuple(v.shape)} and {tuple(ref.shape)}."
-        )
+def _check_shapes(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """``ref`` has a non-empty batch dimension and every other tensor given (``None`` is skipped) its shape."""
+    _check_batched(ref_name, ref)
+    for name, v in others.items():
+        if v is None:
+            continue
+        _check_batched(name, v)
+        if v.shape != ref.shape:
+            raise ConfigError(
+                f"{name} must have the shape of {ref_name}, got {tuple(v.shape)} and {tuple(ref.shape)}."
+            )
 
 
 def _check_nonneg(name: str, value: float) -> float:
@@ -192,8 +197,7 @@ def _penalty_parts(
     per_sample, active, ratio, sq_t_all, sq_r_all = [], [], [], [], []
     for k, (v_theta, v_ref) in enumerate(pairs):
         suffix = "" if len(pairs) == 1 else f"[{k}]"
-        _check_batched(f"v_theta{suffix}", v_theta)
-        _check_like(f"v_ref{suffix}", v_ref, f"v_theta{suffix}", v_theta)
+        _check_shapes(f"v_theta{suffix}", v_theta, **{f"v_ref{suffix}": v_ref})
         dtype = _working_dtype(v_theta, v_ref)
         vt = v_theta.reshape(v_theta.shape[0], -1).to(dtype)
         vr = v_ref.detach().reshape(v_ref.shape[0], -1).to(dtype)
@@ -374,9 +378,7 @@ def flow_matching_loss(
     Raises:
         ConfigError: shapes differ, or ``weight`` is not ``(B,)``.
     """
-    _check_batched("v_theta", v_theta)
-    _check_like("x0", x0, "v_theta", v_theta)
-    _check_like("eps", eps, "v_theta", v_theta)
+    _check_shapes("v_theta", v_theta, x0=x0, eps=eps)
     dtype = _working_dtype(v_theta, x0, eps)
     per = _mse_per_sample(v_theta.to(dtype), (eps - x0).to(dtype))
     if weight is not None:
@@ -466,12 +468,8 @@ def nft_loss(
     beta = _check_positive("beta", beta)
     m = _check_positive("adv_clip_max", adv_clip_max)
     kl_beta = _check_nonneg("kl_beta", kl_beta)
-    _check_batched("v_theta", v_theta)
-    for name, v in (("v_old", v_old), ("x_t", x_t), ("x0", x0)):
-        _check_like(name, v, "v_theta", v_theta)
-    if v_ref is not None:
-        _check_like("v_ref", v_ref, "v_theta", v_theta)
-    elif kl_beta > 0:
+    _check_shapes("v_theta", v_theta, v_old=v_old, x_t=x_t, x0=x0, v_ref=v_ref)
+    if v_ref is None and kl_beta > 0:
         raise ConfigError("nft_loss needs v_ref when kl_beta > 0.")
     b = v_theta.shape[0]
     t_b = _broadcast(_per_sample("t", t, b, v_theta).to(_working_dtype(v_theta, x_t, x0)), v_theta)
@@ -545,8 +543,7 @@ def awm_log_prob(
     if weighting not in AWM_WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {', '.join(AWM_WEIGHTINGS)}, got {weighting!r}.")
     p = _check_positive("ghuber_power", ghuber_power)
-    _check_batched("v", v)
-    _check_like("target", target, "v", v)
+    _check_shapes("v", v, target=target)
     out_dtype = _working_dtype(v, target)
     b = v.shape[0]
     sigma = _per_sample("t", t, b, v).to(torch.float64)
@@ -642,13 +639,9 @@ def awm_loss(
     m = _check_positive("adv_clip_max", adv_clip_max)
     kl_beta = _check_nonneg("kl_beta", kl_beta)
     ema_kl_beta = _check_nonneg("ema_kl_beta", ema_kl_beta)
-    _check_batched("v_theta", v_theta)
-    for name, v in (("v_old", v_old), ("x0", x0), ("eps", eps)):
-        _check_like(name, v, "v_theta", v_theta)
+    _check_shapes("v_theta", v_theta, v_old=v_old, x0=x0, eps=eps, v_ref=v_ref, v_ema=v_ema)
     for name, v, coef in (("v_ref", v_ref, kl_beta), ("v_ema", v_ema, ema_kl_beta)):
-        if v is not None:
-            _check_like(name, v, "v_theta", v_theta)
-        elif coef > 0:
+        if v is None and coef > 0:
             raise ConfigError(f"awm_loss needs {name} when its KL coefficient is > 0.")
     b = v_theta.shape[0]
     target = eps - x0
@@ -734,15 +727,7 @@ def dpo_loss(
     ``src/flow_factory/trainers/dpo.py`` has the same objective.
     """
     beta = _check_positive("beta", beta)
-    _check_batched("v_w", v_w)
-    for name, v in (
-        ("v_l", v_l),
-        ("v_ref_w", v_ref_w),
-        ("v_ref_l", v_ref_l),
-        ("target_w", target_w),
-        ("target_l", target_l),
-    ):
-        _check_like(name, v, "v_w", v_w)
+    _check_shapes("v_w", v_w, v_l=v_l, v_ref_w=v_ref_w, v_ref_l=v_ref_l, target_w=target_w, target_l=target_l)
     dtype = _working_dtype(v_w, v_l, target_w, target_l)
     e_w = _mse_per_sample(v_w.to(dtype), target_w.to(dtype))
     e_l = _mse_per_sample(v_l.to(dtype), target_l.to(dtype))
