@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.models.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import ADAPTER_NAME, load_checkpoint
 from ngdiag.models.pair import FusedLoraPair
 from ngdiag.probes.paired import PairedVelocity, PairRecorder
-from ngdiag.sampling import sample
+from ngdiag.core.sampling import sample
 
 
 def main():

@@ -1,37 +1,65 @@
 """ngdiag: diagnostics for RL post-trained flow-matching models.
 
-The public entry points (imported lazily so that ``import ngdiag`` stays cheap):
+The public API: the workflows, their configs and their results, and the few pieces a user calls
+around them (imported lazily, so that ``import ngdiag`` stays cheap; docs/architecture.md draws the
+layers behind them):
 
-- :func:`load_checkpoint`: a local checkpoint as a (theta, ref) pair of velocity models;
-- :func:`sample` and :class:`SamplingConfig`: Euler sampling exactly as diffusers does it;
+- :func:`load_checkpoint` / :class:`Checkpoint`: a local checkpoint as a (theta, ref) pair;
+- :func:`run_audit` (:class:`AuditConfig` -> :class:`AuditResult`), :func:`merge_audits`: the
+  norm-inflation audit with its verdict;
+- :func:`run_sensitivity` (:class:`SensitivityConfig` -> :class:`SensitivityRun`),
+  :func:`merge_sensitivity`, and :func:`norm_sensitivity` (-> :class:`SensitivityResult`) for any
+  velocity model: the reward-adjoint norm-scaling sensitivity S(t);
+- :func:`train` (:class:`TrainConfig` -> :class:`TrainResult`) and :func:`compare_runs`
+  (-> :class:`CompareResult`): NormGuard training and the comparison of training runs;
 - :func:`probe`: record ``||v_theta|| / ||v_ref||`` during a live diffusers pipeline call;
-- :func:`run_audit` and :class:`AuditConfig`: the norm-inflation audit with its verdict;
-- :func:`norm_sensitivity`: the reward-adjoint norm-scaling sensitivity S(t);
-- :func:`normguard_penalty`: the NormGuard training penalty.
+- :func:`sample` and :class:`SamplingConfig`: Euler sampling exactly as diffusers does it;
+- :func:`load_reward` and :func:`normguard_penalty`.
 """
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load_checkpoint": "ngdiag.models.loading",
     "Checkpoint": "ngdiag.models.loading",
-    "sample": "ngdiag.sampling",
-    "GuidedVelocity": "ngdiag.sampling",
-    "SamplingConfig": "ngdiag.generation",
-    "generate": "ngdiag.generation",
+    "run_audit": "ngdiag.workflows.audit",
+    "merge_audits": "ngdiag.workflows.audit",
+    "AuditConfig": "ngdiag.workflows.audit",
+    "AuditResult": "ngdiag.workflows.audit",
+    "run_sensitivity": "ngdiag.workflows.sensitivity",
+    "merge_sensitivity": "ngdiag.workflows.sensitivity",
+    "SensitivityConfig": "ngdiag.workflows.sensitivity",
+    "SensitivityRun": "ngdiag.workflows.sensitivity",
+    "norm_sensitivity": "ngdiag.sensitivity.adjoint",
+    "SensitivityResult": "ngdiag.sensitivity.result",
+    "train": "ngdiag.train.trainer",
+    "TrainConfig": "ngdiag.train.config",
+    "TrainResult": "ngdiag.train.trainer",
+    "compare_runs": "ngdiag.workflows.compare",
+    "CompareResult": "ngdiag.workflows.compare",
     "probe": "ngdiag.probes.live",
-    "NormRecord": "ngdiag.probes.records",
-    "compare_velocities": "ngdiag.probes.metrics",
-    "rl_renorm": "ngdiag.probes.renorm",
-    "cfg_renorm": "ngdiag.probes.renorm",
-    "inflation_summary": "ngdiag.stats",
-    "run_audit": "ngdiag.audit",
-    "merge_audits": "ngdiag.audit",
-    "AuditConfig": "ngdiag.audit",
-    "norm_sensitivity": "ngdiag.sensitivity",
-    "load_reward": "ngdiag.sensitivity.rewards",
+    "sample": "ngdiag.core.sampling",
+    "SamplingConfig": "ngdiag.models.generation",
+    "load_reward": "ngdiag.rewards.scorers",
     "normguard_penalty": "ngdiag.train.losses",
 }
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
+    from ngdiag.core.sampling import sample
+    from ngdiag.models.generation import SamplingConfig
+    from ngdiag.models.loading import Checkpoint, load_checkpoint
+    from ngdiag.probes.live import probe
+    from ngdiag.rewards.scorers import load_reward
+    from ngdiag.sensitivity.adjoint import norm_sensitivity
+    from ngdiag.sensitivity.result import SensitivityResult
+    from ngdiag.train.config import TrainConfig
+    from ngdiag.train.losses import normguard_penalty
+    from ngdiag.train.trainer import TrainResult, train
+    from ngdiag.workflows.audit import AuditConfig, AuditResult, merge_audits, run_audit
+    from ngdiag.workflows.compare import CompareResult, compare_runs
+    from ngdiag.workflows.sensitivity import SensitivityConfig, SensitivityRun, merge_sensitivity, run_sensitivity
 
 __all__ = ["__version__", *_LAZY]
 
@@ -42,3 +70,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ngdiag' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

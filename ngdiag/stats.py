@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.core.errors import ConfigError, NumericalError
 
 __all__ = [
     "VERDICTS",

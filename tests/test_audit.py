@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import ngdiag
-from ngdiag.audit import AuditConfig, run_audit
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.workflows.audit import AuditConfig, run_audit
+from ngdiag.models.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.probes.paired import PairedVelocity
 from ngdiag.probes.renorm import rl_renorm_intervention
-from ngdiag.sampling import sample
+from ngdiag.core.sampling import sample
 from ngdiag.testing import TINY_CALL_KWARGS, save_lora_adapter, save_rotated_finetune, save_scaled_finetune
 from tests.helpers import run_cli
 
@@ -179,7 +179,7 @@ def test_live_probe_names_a_non_finite_reference_like_the_audit(planted, tiny_ba
     # The live probe checks theta's and ref's velocities with the audit's check: step, time and samples.
     import copy
 
-    from ngdiag.errors import NumericalError
+    from ngdiag.core.errors import NumericalError
 
     ckpt = load_checkpoint(planted[("sd3", 1.08)], tiny_bases["sd3"])
     bad_ref = copy.deepcopy(ckpt.ref.transformer)

@@ -79,8 +79,8 @@ def test_device_defaults_to_auto_everywhere():
 
 
 def test_reward_help_lists_every_kind_from_the_registry():
-    from ngdiag.sensitivity.rewards import REWARD_KINDS, load_reward
-    from ngdiag.sensitivity.specs import REWARD_SPECS
+    from ngdiag.rewards.scorers import REWARD_KINDS, load_reward
+    from ngdiag.rewards.specs import REWARD_SPECS
 
     for kind, entry in REWARD_SPECS.items():  # the registry is what load_reward understands
         if not entry.needs_path:

@@ -17,7 +17,7 @@ def test_a_value_the_section_dataclass_refuses_is_named_by_its_config_key():
     (``steps`` is ``num_steps``); its own range checks are reported under the YAML key."""
     import pytest
 
-    from ngdiag.errors import ConfigError
+    from ngdiag.core.errors import ConfigError
     from ngdiag.train.config import TrainConfig
 
     cases = [

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import ngdiag
-from ngdiag.audit import AuditConfig, run_audit
-from ngdiag.errors import CheckpointError, ConfigError
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.workflows.audit import AuditConfig, run_audit
+from ngdiag.core.errors import CheckpointError, ConfigError
+from ngdiag.models.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.testing import TINY_CALL_KWARGS
 from tests.foreign_checkpoints import (

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from ngdiag.errors import CheckpointError
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.core.errors import CheckpointError
+from ngdiag.models.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
 from ngdiag.testing import save_lora_adapter, save_scaled_finetune, save_tiny_pipeline
 from tests.helpers import run_cli

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.core.errors import ConfigError, NumericalError
 from ngdiag.train.losses import (
     LossTerms,
     awm_log_prob,

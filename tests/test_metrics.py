@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.core.errors import ConfigError, NumericalError
 from ngdiag.core.tensors import velocity_norm
 from ngdiag.probes.metrics import VelocityComparison, compare_velocities
 

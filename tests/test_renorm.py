@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.core.errors import ConfigError, NumericalError
 from ngdiag.core.tensors import check_finite, check_finite_norms, velocity_norm
 from ngdiag.probes.renorm import cfg_renorm, rl_renorm
 
@@ -147,7 +147,7 @@ def checkpoints(tiny_bases, tmp_path_factory):
 
 
 def _batch(ckpt):
-    from ngdiag.generation import SamplingConfig, prepare_batch
+    from ngdiag.models.generation import SamplingConfig, prepare_batch
 
     batch = prepare_batch(ckpt, PROMPTS, [0, 1], SamplingConfig(num_steps=3, guidance_scale=4.0))
     return batch, batch.conditioning.guided(ckpt.theta), batch.conditioning.guided(ckpt.require_ref())
@@ -179,7 +179,7 @@ def test_rl_renorm_on_cond_of_a_planted_scale_is_the_reference_trajectory(checkp
     # reference's own calls, hence (after the pipeline's guidance) the reference's guided trajectory.
     from ngdiag.probes.paired import PairedVelocity
     from ngdiag.probes.renorm import rl_renorm_intervention
-    from ngdiag.sampling import sample
+    from ngdiag.core.sampling import sample
 
     batch, theta, ref = _batch(checkpoints("scaled", family))
     base = sample(ref, batch.x_init, batch.sigmas).x_final
@@ -194,7 +194,7 @@ def test_rl_renorm_on_cond_of_a_planted_scale_is_the_reference_trajectory(checkp
 def test_rl_renorm_on_cond_renormalizes_each_call_before_guidance(checkpoints, family):
     from ngdiag.probes.paired import PairedVelocity
     from ngdiag.probes.renorm import rl_renorm_intervention
-    from ngdiag.sampling import euler_step, sample
+    from ngdiag.core.sampling import euler_step, sample
 
     batch, theta, ref = _batch(checkpoints("lora", family))
     steps = []
@@ -218,7 +218,7 @@ def test_cfg_renorm_sets_the_conditional_norm_each_step(checkpoints, family):
     # Paper eq. 2: v' = v_cfg ||v_cond|| / ||v_cfg||, with theta's own conditional output (not the reference's).
     from ngdiag.probes.paired import PairedVelocity
     from ngdiag.probes.renorm import cfg_renorm_intervention
-    from ngdiag.sampling import sample
+    from ngdiag.core.sampling import sample
 
     batch, theta, ref = _batch(checkpoints("lora", family))
     paired, alone = [], []
@@ -244,7 +244,7 @@ def test_live_probe_renorm_equals_the_sampler(checkpoints, family, renorm):
     import ngdiag
     from ngdiag.probes.paired import PairedVelocity
     from ngdiag.probes.renorm import cfg_renorm_intervention, rl_renorm_intervention
-    from ngdiag.sampling import sample
+    from ngdiag.core.sampling import sample
     from ngdiag.testing import TINY_CALL_KWARGS
 
     ckpt = checkpoints("lora", family)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from bs4 import BeautifulSoup
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.report import figures as F
 from ngdiag.report import html as H
 

@@ -1,4 +1,4 @@
-"""Tests of ngdiag.sensitivity.preprocess and ngdiag.sensitivity.rewards (offline, tiny models)."""
+"""Tests of ngdiag.rewards.preprocess and ngdiag.rewards.scorers (offline, tiny models)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import transformers
 from PIL import Image
 
-from ngdiag.errors import CheckpointError, ConfigError
-from ngdiag.sensitivity.preprocess import (
+from ngdiag.core.errors import CheckpointError, ConfigError
+from ngdiag.rewards.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ImagePreprocess,
@@ -23,7 +23,7 @@ from ngdiag.sensitivity.preprocess import (
     hpsv2_preprocess,
     pad_to_square,
 )
-from ngdiag.sensitivity.rewards import (
+from ngdiag.rewards.scorers import (
     REWARD_KINDS,
     BrightnessReward,
     ClipScoreReward,

@@ -37,9 +37,9 @@ with warnings.catch_warnings():
         "open_clip", reason="open_clip_torch is not installed (the optional extra: pip install 'ngdiag[hps]')"
     )
 
-from ngdiag.errors import CheckpointError, ConfigError  # noqa: E402
-from ngdiag.sensitivity.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
-from ngdiag.sensitivity.rewards import HPSv2Reward, OpenClipScoreReward, load_reward  # noqa: E402
+from ngdiag.core.errors import CheckpointError, ConfigError  # noqa: E402
+from ngdiag.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+from ngdiag.rewards.scorers import HPSv2Reward, OpenClipScoreReward, load_reward  # noqa: E402
 
 pytestmark = [
     pytest.mark.hps,

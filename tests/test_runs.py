@@ -20,8 +20,8 @@ import pytest
 
 from ngdiag.core.io import atomic_write, atomic_write_text, json_safe
 from ngdiag.core.seeds import sample_seeds
-from ngdiag.errors import ConfigError
-from ngdiag.generation import SampleSet
+from ngdiag.core.errors import ConfigError
+from ngdiag.models.generation import SampleSet
 from ngdiag.runs import STATE_FILE, Workflow, merge_workflow, run_workflow
 from tests.helpers import run_cli
 
@@ -221,7 +221,7 @@ def sens_args(tiny_bases):
 
 def test_sensitivity_records_its_batches_and_a_folder_written_before_resumes(tiny_bases, sens_args, tmp_path):
     from ngdiag.models.loading import load_checkpoint
-    from ngdiag.sensitivity.run import SensitivityConfig, run_sensitivity
+    from ngdiag.workflows.sensitivity import SensitivityConfig, run_sensitivity
 
     out = tmp_path / "killed"
     code, _, err = run_cli(*sens_args, "--out", tmp_path / "fresh", "--quiet")

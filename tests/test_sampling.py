@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ngdiag.models.families import FAMILIES, FamilyVelocity, adapter_for, family_of_pipeline, family_of_transformer
-from ngdiag.sampling import GuidedVelocity, euler_step, sample
+from ngdiag.core.sampling import GuidedVelocity, euler_step, sample
 from ngdiag.testing import FAMILIES as TINY_FAMILIES, TINY_CALL_KWARGS, tiny_pipeline
 
 
@@ -40,7 +40,7 @@ def test_plain_module_and_function_are_models():
 
 def test_velocity_of_another_shape_or_an_integer_schedule_is_an_error():
     # A (B, 1) velocity would broadcast over the state: a wrong trajectory without a word.
-    from ngdiag.errors import ConfigError
+    from ngdiag.core.errors import ConfigError
 
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     with pytest.raises(ConfigError, match=r"^the velocity returned shape \(2, 1\) at step 0 \(t=1\), expected \(2, 3\)"):
@@ -178,7 +178,7 @@ def test_family_registry_names_the_diffusers_classes_it_serves(family):
 
 
 def test_unknown_family_is_refused():
-    from ngdiag.errors import CheckpointError, ConfigError
+    from ngdiag.core.errors import CheckpointError, ConfigError
 
     with pytest.raises(ConfigError, match=r"^unknown family 'sdxl'; choose one of sd3, flux, flux2-klein, qwenimage$"):
         FamilyVelocity(torch.nn.Identity(), "sdxl")

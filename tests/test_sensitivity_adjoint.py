@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
-from ngdiag.errors import ConfigError, NgdiagError, NumericalError
-from ngdiag.sampling import sample
+from ngdiag.core.errors import ConfigError, NgdiagError, NumericalError
+from ngdiag.core.sampling import sample
 from ngdiag.sensitivity import SensitivityResult, norm_sensitivity
 
 DIM = 8
@@ -122,7 +122,7 @@ def test_discrete_adjoint_equals_autograd_through_sampler(checkpoint):
     ids=["float32", "float32-state-float64-velocity", "bfloat16"],
 )
 def test_forward_pass_is_the_sampler_bit_for_bit(checkpoint, state, computed):
-    """The states the adjoint differentiates are ngdiag.sampling.sample's, to the last bit, also where the
+    """The states the adjoint differentiates are ngdiag.core.sampling.sample's, to the last bit, also where the
     velocity's dtype differs from the state's (the sampler continues in the velocity's dtype, as diffusers'
     scheduler does) and in half precision (dt * v in the velocity's dtype, the state update in float32)."""
     field = TinyField().to(computed)

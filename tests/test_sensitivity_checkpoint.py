@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from ngdiag.generation import SamplingConfig, prepare_batch
+from ngdiag.models.generation import SamplingConfig, prepare_batch
 from ngdiag.models.loading import load_checkpoint
-from ngdiag.sampling import sample
+from ngdiag.core.sampling import sample
 from ngdiag.sensitivity import norm_sensitivity
-from ngdiag.sensitivity.rewards import load_reward
-from ngdiag.sensitivity.run import SensitivityConfig, checkpoint_velocity, run_sensitivity
+from ngdiag.rewards.scorers import load_reward
+from ngdiag.workflows.sensitivity import SensitivityConfig, checkpoint_velocity, run_sensitivity
 from tests.helpers import run_cli
 from tests.test_rewards import clip_dir  # noqa: F401  (fixture: a tiny PickScore-style CLIP folder)
 

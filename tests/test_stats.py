@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.core.errors import ConfigError, NumericalError
 from ngdiag.stats import InflationSummary, inflation_summary, per_sample_log_ratio, per_step_summary, verdict_for
 
 

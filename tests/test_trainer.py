@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ngdiag.core.configs import apply_overrides
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.train.advantages import dpo_pairs, group_advantages
 from ngdiag.train.config import TrainConfig, load_config
 from ngdiag.train.timesteps import sample_timesteps, time_shift
@@ -76,9 +76,9 @@ def _env():
 
 # ============================================================================ a real run
 def test_short_run_raises_the_reward_and_writes_loadable_checkpoints(base, tmp_path):
-    from ngdiag.generation import SamplingConfig, generate
+    from ngdiag.models.generation import SamplingConfig, generate
     from ngdiag.models.loading import load_checkpoint
-    from ngdiag.sensitivity.rewards import load_reward
+    from ngdiag.rewards.scorers import load_reward
 
     out = tmp_path / "nft"
     result = _run(_cfg(base, out, iterations=10, checkpoint_every=5))

@@ -3,11 +3,11 @@
 A config is a tree of dataclasses. :func:`build` makes one from nested dicts (a YAML file with
 ``--set`` overrides applied): an unknown key is refused with a suggestion, each value is coerced to
 its field's type (``int``, ``float``, ``bool``, ``str``, ``Optional``, ``List`` and nested
-dataclasses) or refused, always with a one-line :class:`~ngdiag.errors.ConfigError` naming the key.
+dataclasses) or refused, always with a one-line :class:`~ngdiag.core.errors.ConfigError` naming the key.
 :func:`to_dict` is the inverse.
 
 A section whose config keys are other names for some fields of its dataclass (the training config's
-``sampling: {steps, guidance, ...}`` is a :class:`~ngdiag.generation.SamplingConfig`) names them in
+``sampling: {steps, guidance, ...}`` is a :class:`~ngdiag.models.generation.SamplingConfig`) names them in
 the field's metadata, ``field(default_factory=..., metadata={CONFIG_KEYS: {"num_steps": "steps", ...}})``:
 only those keys are accepted, and a key left out keeps the field default's value.
 
@@ -30,7 +30,7 @@ Example:
     >>> build(Config, {"lora": {"rnak": 4}})
     Traceback (most recent call last):
     ...
-    ngdiag.errors.ConfigError: unknown config key 'lora.rnak' (did you mean 'lora.rank'?)
+    ngdiag.core.errors.ConfigError: unknown config key 'lora.rnak' (did you mean 'lora.rank'?)
     >>> config_diff(to_dict(Config()), {"lora": {"rank": 8}, "lr": 1e-4})
     ['lora.rank: 16 -> 8']
 """
@@ -46,7 +46,7 @@ from typing import Any, List
 
 import yaml
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = [
     "CONFIG_KEYS",

@@ -5,7 +5,7 @@ pixels) belongs to one sample. ``||v||`` is the L2 norm of one sample over all i
 (CONVENTIONS "Norms and ratios"), so packing latents into tokens does not change it.
 
 Bad values are never turned into a silent NaN: :func:`check_finite` and :func:`check_finite_norms`
-raise :class:`~ngdiag.errors.NumericalError` naming the samples (and, in the caller's words, the step).
+raise :class:`~ngdiag.core.errors.NumericalError` naming the samples (and, in the caller's words, the step).
 
 Example:
     >>> import torch
@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError, sample_list
+from ngdiag.core.errors import ConfigError, NumericalError, sample_list
 
 __all__ = [
     "working_dtype",

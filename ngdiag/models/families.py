@@ -30,8 +30,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ngdiag.errors import CheckpointError, ConfigError
-from ngdiag.sampling import GuidedVelocity
+from ngdiag.core.errors import CheckpointError, ConfigError
+from ngdiag.core.sampling import GuidedVelocity
 
 __all__ = [
     "Conditioning",

@@ -41,7 +41,7 @@ from typing import Optional, Union
 
 import torch
 
-from ngdiag.errors import CheckpointError, ConfigError
+from ngdiag.core.errors import CheckpointError, ConfigError
 from ngdiag.models.families import FamilyAdapter, adapter_for, family_of_pipeline, family_of_transformer, supported_pipelines, SUPPORTED_FAMILIES
 from ngdiag.models.pair import AdapterDisabled
 

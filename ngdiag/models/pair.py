@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ngdiag.errors import CheckpointError, ConfigError
-from ngdiag.sampling import VelocityEval
+from ngdiag.core.errors import CheckpointError, ConfigError
+from ngdiag.core.sampling import VelocityEval
 
 __all__ = [
     "adapter_layers",
@@ -155,7 +155,7 @@ class FusedLoraPair:
         self.adapter_name = adapter_name
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> tuple[VelocityEval, VelocityEval]:
-        """Theta's and ref's :class:`~ngdiag.sampling.VelocityEval` at ``(x, t)``."""
+        """Theta's and ref's :class:`~ngdiag.core.sampling.VelocityEval` at ``(x, t)``."""
         n = x.shape[0]
         pattern = [self.adapter_name] * n + ["__base__"] * n
         with mixed_adapter_batch(self.module, pattern):

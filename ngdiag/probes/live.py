@@ -27,12 +27,12 @@ from typing import Optional
 
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.models.pair import adapter_layers, adapters_disabled
 from ngdiag.probes.paired import check_pair_finite, compare_pair
 from ngdiag.probes.records import CALLS, NormRecord, StepRecorder
 from ngdiag.probes.renorm import cfg_renorm_intervention, rl_renorm_intervention
-from ngdiag.sampling import VelocityEval, apply_guidance
+from ngdiag.core.sampling import VelocityEval, apply_guidance
 
 __all__ = ["probe", "LiveProbe"]
 

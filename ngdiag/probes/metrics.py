@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ngdiag.core.tensors import check_finite_norms, per_sample, working_dtype
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["VelocityComparison", "compare_velocities"]
 

@@ -1,9 +1,9 @@
 """Evaluate theta and ref at the same ``(x_t, t, c)`` while sampling, and record their comparison.
 
-The pieces plug into :func:`ngdiag.sampling.sample`, which owns the loop and the step index:
+The pieces plug into :func:`ngdiag.core.sampling.sample`, which owns the loop and the step index:
 
 - :class:`PairedVelocity` is the step velocity: at every state it evaluates the audited model and
-  the reference and returns theta's :class:`~ngdiag.sampling.VelocityEval` with the reference's in
+  the reference and returns theta's :class:`~ngdiag.core.sampling.VelocityEval` with the reference's in
   ``extras["ref"]``. The sampler steps with theta's guided velocity (``trajectory="theta"``, what
   users of the fine-tune get) or the reference's (``trajectory="ref"``, the base model's own
   trajectory). It holds no state: one instance serves any number of runs.
@@ -25,10 +25,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ngdiag.core.tensors import check_finite
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.probes.metrics import compare_velocities
 from ngdiag.probes.records import CALLS, NormRecord, StepRecorder
-from ngdiag.sampling import StepRecord, VelocityEval
+from ngdiag.core.sampling import StepRecord, VelocityEval
 
 __all__ = ["PairedVelocity", "PairRecorder", "check_pair_finite", "compare_pair", "TRAJECTORIES"]
 
@@ -40,13 +40,13 @@ class PairedVelocity:
 
     Args:
         theta, ref: step velocities ``(x, t) -> VelocityEval`` of the audited and the reference
-            model with the same conditioning (:class:`~ngdiag.sampling.GuidedVelocity`).
+            model with the same conditioning (:class:`~ngdiag.core.sampling.GuidedVelocity`).
         trajectory: ``"theta"`` or ``"ref"``: whose guided velocity the sampler applies.
         fused: for a LoRA pair (``ref`` is theta's module with the adapter off), a
             :class:`~ngdiag.models.pair.FusedLoraPair` that evaluates both in one mixed-adapter
             forward instead of ``theta`` and ``ref``.
 
-    Calling it returns theta's :class:`~ngdiag.sampling.VelocityEval` (``cond``, ``guided``,
+    Calling it returns theta's :class:`~ngdiag.core.sampling.VelocityEval` (``cond``, ``guided``,
     ``uncond``) with ``extras["ref"]`` the reference's, and ``applied`` the reference's guided
     velocity when ``trajectory="ref"``.
     """
@@ -77,7 +77,7 @@ class PairedVelocity:
 
 
 def check_pair_finite(ev: VelocityEval, *, step: int, t: float, sample_ids: Optional[Sequence[int]] = None) -> None:
-    """Raise :class:`~ngdiag.errors.NumericalError` when theta's or (if present) ref's guided velocity is not finite.
+    """Raise :class:`~ngdiag.core.errors.NumericalError` when theta's or (if present) ref's guided velocity is not finite.
 
     The message names the step, its time and the global sample ids, e.g.
     ``"ref's velocity is not finite at step 3 (t=0.6000) for samples [4, 5]"``.
@@ -96,7 +96,7 @@ def compare_pair(theta: VelocityEval, ref: VelocityEval, *, step: int) -> dict:
 
 
 class PairRecorder:
-    """Step callback for :func:`ngdiag.sampling.sample` with a :class:`PairedVelocity`: records theta against ref.
+    """Step callback for :func:`ngdiag.core.sampling.sample` with a :class:`PairedVelocity`: records theta against ref.
 
     At every step it checks both guided velocities (:func:`check_pair_finite`) and adds the
     comparison of theta's and ref's guided and conditional velocities at the step's state.

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["NormRecord", "StepRecorder", "CALLS", "METRICS"]
 

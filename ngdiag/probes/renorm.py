@@ -9,13 +9,13 @@ Both interventions keep the direction of a velocity and replace its per-sample n
   magnitude of the conditional one.
 
 :func:`rl_renorm` and :func:`cfg_renorm` work on tensors. In sampling they act as interventions of
-:func:`ngdiag.sampling.sample`, which hands them the step index: :func:`rl_renorm_intervention` (with
+:func:`ngdiag.core.sampling.sample`, which hands them the step index: :func:`rl_renorm_intervention` (with
 a :class:`~ngdiag.probes.paired.PairedVelocity`, whose evaluation carries the reference's
 velocities) and :func:`cfg_renorm_intervention` (theta alone suffices). The live probe applies the
 same interventions inside a pipeline call, so both give the same images bit for bit.
 
 A zero or non-finite norm is never turned into a silent NaN:
-:func:`~ngdiag.core.tensors.check_finite_norms` raises :class:`~ngdiag.errors.NumericalError` naming
+:func:`~ngdiag.core.tensors.check_finite_norms` raises :class:`~ngdiag.core.errors.NumericalError` naming
 the velocity, the step and the samples.
 
 Example:
@@ -32,9 +32,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ngdiag.core.tensors import check_finite_norms, velocity_norm
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.probes.paired import check_pair_finite
-from ngdiag.sampling import GuidedVelocity, VelocityEval
+from ngdiag.core.sampling import GuidedVelocity, VelocityEval
 
 __all__ = ["rl_renorm", "cfg_renorm", "rl_renorm_intervention", "cfg_renorm_intervention", "RENORM_TARGETS"]
 
@@ -99,7 +99,7 @@ def cfg_renorm(v_cfg: torch.Tensor, v_cond: torch.Tensor, *, step: Optional[int]
 def rl_renorm_intervention(
     on: str = "guided", *, guidance: Optional[GuidedVelocity] = None, sample_ids: Optional[Sequence[int]] = None
 ) -> Intervention:
-    """RL renorm (eq. 3) as an intervention of :func:`ngdiag.sampling.sample` on a paired trajectory.
+    """RL renorm (eq. 3) as an intervention of :func:`ngdiag.core.sampling.sample` on a paired trajectory.
 
     The step velocity must be a :class:`~ngdiag.probes.paired.PairedVelocity` (its evaluation
     carries the reference's in ``extras["ref"]``). Every step first checks that theta's and ref's
@@ -107,12 +107,12 @@ def rl_renorm_intervention(
 
     - ``on="guided"``: theta's guided velocity rescaled to the norm of ref's guided velocity;
     - ``on="cond"``: theta's conditional and unconditional outputs each rescaled to ref's, then
-      ``guidance``'s own guidance (:meth:`~ngdiag.sampling.GuidedVelocity.guide`, Qwen-Image's
+      ``guidance``'s own guidance (:meth:`~ngdiag.core.sampling.GuidedVelocity.guide`, Qwen-Image's
       per-token rescale included).
 
     Args:
         on: ``"guided"`` or ``"cond"``.
-        guidance: theta's :class:`~ngdiag.sampling.GuidedVelocity`; needed for ``on="cond"``.
+        guidance: theta's :class:`~ngdiag.core.sampling.GuidedVelocity`; needed for ``on="cond"``.
         sample_ids: global sample ids for error messages.
     """
     if on not in RENORM_TARGETS:
@@ -134,10 +134,10 @@ def rl_renorm_intervention(
 
 
 def cfg_renorm_intervention(*, sample_ids: Optional[Sequence[int]] = None) -> Intervention:
-    """CFG renorm (eq. 2) as an intervention of :func:`ngdiag.sampling.sample`: theta's guided velocity
+    """CFG renorm (eq. 2) as an intervention of :func:`ngdiag.core.sampling.sample`: theta's guided velocity
     rescaled to the norm of its own conditional output.
 
-    It needs no reference: the step velocity may be theta's :class:`~ngdiag.sampling.GuidedVelocity`
+    It needs no reference: the step velocity may be theta's :class:`~ngdiag.core.sampling.GuidedVelocity`
     or a :class:`~ngdiag.probes.paired.PairedVelocity` (both give the same steps). The guided
     velocities are checked to be finite first (theta's, and ref's when present).
     """

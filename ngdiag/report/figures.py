@@ -37,7 +37,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = [
     "THETA_COLOR",

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ngdiag.core.io import atomic_write_text
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.report import figures as F
 
 __all__ = [

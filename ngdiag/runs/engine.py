@@ -1,6 +1,6 @@
 """The durable run engine: every workflow's batches, parts, resume, shards and merge, done one way.
 
-A run is a fixed plan: its config (a :class:`~ngdiag.generation.SampleSet`) splits the samples into
+A run is a fixed plan: its config (a :class:`~ngdiag.models.generation.SampleSet`) splits the samples into
 ``num_batches`` batches of fixed sample ids, and its fingerprint hashes everything that determines
 the results. With an output folder the engine writes the run state (:mod:`ngdiag.runs.state`),
 then one *part* per batch, atomically, as soon as the batch is computed. A rerun with the same
@@ -46,7 +46,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ClassVar, Sequence
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.runs.folder import RunFolder, use_output
 from ngdiag.runs.progress import as_progress
 from ngdiag.runs.shards import shard_batches

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional, Tuple
 
 from ngdiag.core.io import atomic_write, atomic_write_text
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.runs.state import STATE_FILE, read_state
 
 __all__ = [

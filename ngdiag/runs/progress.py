@@ -3,7 +3,7 @@
 The engine calls ``start(total, reused)`` once it knows its batches (``reused`` of the ``total``
 are finished already: a resumed run), ``advance()`` after each batch it computes, and ``finish()``
 when the last one is done. The command line's progress bar implements it
-(:class:`ngdiag.commands.common.Progress`); a plain function ``f(done, total)`` is accepted too.
+(:class:`ngdiag.cli.common.Progress`); a plain function ``f(done, total)`` is accepted too.
 """
 
 from __future__ import annotations

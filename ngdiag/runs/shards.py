@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["parse_shard", "shard_batches"]
 

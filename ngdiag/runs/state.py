@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["STATE_FILE", "read_state", "load_state"]
 

@@ -2,7 +2,7 @@
 
 :func:`norm_sensitivity` returns a :class:`SensitivityResult` with ``S[k, i] = a_{k+1} . d_k``
 per step and sample; see ``docs/sensitivity.md``. The names are imported lazily, so that the
-torch-free :mod:`ngdiag.sensitivity.specs` (the reward spec registry) stays cheap to import.
+torch-free :mod:`ngdiag.rewards.specs` (the reward spec registry) stays cheap to import.
 """
 
 _LAZY = {

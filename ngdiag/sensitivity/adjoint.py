@@ -15,12 +15,12 @@ Scaling every step's velocity by ``(1 + eps)`` changes the reward by
 
 Two methods compute ``S``:
 
-- ``"discrete"``: the exact gradient of the Euler sampler the audit uses, :func:`ngdiag.sampling.sample`
-  itself (the same schedule check, velocity call, :func:`~ngdiag.sampling.euler_step` and casts:
+- ``"discrete"``: the exact gradient of the Euler sampler the audit uses, :func:`ngdiag.core.sampling.sample`
+  itself (the same schedule check, velocity call, :func:`~ngdiag.core.sampling.euler_step` and casts:
   its final samples equal ``sample(velocity, x_init, times).x_final`` bit for bit). The forward
   pass runs ``sample`` without a graph and keeps ``x_0 ... x_K``; the backward walk recomputes one
-  step at a time under autograd, the velocity with :func:`~ngdiag.sampling.velocity_at` and the
-  update with :func:`~ngdiag.sampling.euler_step`, and takes one vector-Jacobian product (VJP) per
+  step at a time under autograd, the velocity with :func:`~ngdiag.core.sampling.velocity_at` and the
+  update with :func:`~ngdiag.core.sampling.euler_step`, and takes one vector-Jacobian product (VJP) per
   step, so activation memory does not grow with ``K`` (``checkpoint=True``); the adjoint is
   accumulated in at least float32. With ``checkpoint=False`` autograd differentiates the whole
   ``sample(..., enable_grad=True)`` run in one graph instead (no recomputation, memory grows with ``K``).
@@ -62,8 +62,8 @@ import torch
 from torchdiffeq import odeint_adjoint
 
 from ngdiag.core.tensors import check_finite
-from ngdiag.errors import ConfigError, NgdiagError, NumericalError
-from ngdiag.sampling import StepRecord, batch_time, check_schedule, euler_step, sample, velocity_at
+from ngdiag.core.errors import ConfigError, NgdiagError, NumericalError
+from ngdiag.core.sampling import StepRecord, batch_time, check_schedule, euler_step, sample, velocity_at
 from ngdiag.sensitivity.result import SensitivityResult
 
 __all__ = ["norm_sensitivity", "FIXED_GRID_SOLVERS", "ADAPTIVE_SOLVERS"]
@@ -107,7 +107,7 @@ def norm_sensitivity(
         x_init: ``(B, ...)`` noise at ``times[0]``. The sampler runs in its dtype (and, as diffusers'
             scheduler does, continues in the velocity's dtype after the first step).
         times: ``(K + 1,)`` strictly decreasing times in ``[0, 1]`` (a diffusers sigma schedule,
-            ``t_0 = 1`` is noise, ``t_K = 0`` data), checked by :func:`ngdiag.sampling.check_schedule`.
+            ``t_0 = 1`` is noise, ``t_K = 0`` data), checked by :func:`ngdiag.core.sampling.check_schedule`.
         reward: ``R(x_K) -> (B,)``, one differentiable reward per sample (it may decode latents).
         method: ``"discrete"`` (exact gradient of the Euler sampler) or ``"continuous"``
             (:func:`torchdiffeq.odeint_adjoint` on the ODE).
@@ -261,8 +261,8 @@ def _discrete_checkpointed(velocity, x_init, times, reward, keep_adjoints):
 def _adjoint_step(velocity, x_k: torch.Tensor, times: torch.Tensor, k: int, a: torch.Tensor) -> torch.Tensor:
     """``a_k = a_{k+1} + J_k^T a_{k+1}`` with ``J_k`` the Jacobian of step ``k``'s update ``dt_k v(x_k, t_k)``.
 
-    The step is recomputed under autograd exactly as :func:`~ngdiag.sampling.sample` took it
-    (:func:`~ngdiag.sampling.velocity_at`, :func:`~ngdiag.sampling.euler_step`). The state's own
+    The step is recomputed under autograd exactly as :func:`~ngdiag.core.sampling.sample` took it
+    (:func:`~ngdiag.core.sampling.velocity_at`, :func:`~ngdiag.core.sampling.euler_step`). The state's own
     path through the step contributes the identity, added here in the adjoint's precision.
     """
     x = x_k.detach().requires_grad_(True)

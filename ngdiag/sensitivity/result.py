@@ -31,7 +31,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["SensitivityResult"]
 

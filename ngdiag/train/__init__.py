@@ -22,7 +22,7 @@ def __getattr__(name):
 
         return train
     if name == "compare_runs":
-        from ngdiag.train.compare import compare_runs
+        from ngdiag.workflows.compare import compare_runs
 
         return compare_runs
     raise AttributeError(f"module 'ngdiag.train' has no attribute {name!r}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["ADVANTAGE_NORMALIZATIONS", "group_advantages", "dpo_pairs"]
 

@@ -3,7 +3,7 @@
 A run is fully described by one :class:`TrainConfig`. :func:`load_config` reads a YAML file,
 applies ``--set key.sub=value`` overrides and validates everything before any model is loaded:
 an unknown key, a negative NormGuard weight, a misspelled method, a missing prompt file or reward
-weights path each raise :class:`~ngdiag.errors.ConfigError` with a one-line message (the CLI
+weights path each raise :class:`~ngdiag.core.errors.ConfigError` with a one-line message (the CLI
 prints it and exits with code 2).
 
 Relative paths (``model.base``, ``rollouts.prompts_file``, ``output_dir``) are resolved against
@@ -18,7 +18,7 @@ Example:
     >>> TrainConfig.from_dict({"lora": {"rnak": 4}})
     Traceback (most recent call last):
     ...
-    ngdiag.errors.ConfigError: unknown config key 'lora.rnak' (did you mean 'lora.rank'?)
+    ngdiag.core.errors.ConfigError: unknown config key 'lora.rnak' (did you mean 'lora.rank'?)
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from ngdiag.core.configs import (
     read_text,
     read_yaml_mapping,
 )
-from ngdiag.errors import ConfigError
-from ngdiag.generation import MAX_SEED, TRAINING_SAMPLING_KEYS, SamplingConfig
+from ngdiag.core.errors import ConfigError
+from ngdiag.models.generation import MAX_SEED, TRAINING_SAMPLING_KEYS, SamplingConfig
 from ngdiag.train.advantages import ADVANTAGE_NORMALIZATIONS
 from ngdiag.train.methods import METHODS as METHOD_CLASSES
 from ngdiag.train.methods import AWMConfig, DPOConfig, FMConfig, Method, NFTConfig
@@ -411,7 +411,7 @@ def check_lora_fits(base: str, lora: "LoraSettings") -> None:
 
 def check_reward_spec(spec: str) -> None:
     """A reward spec ``KIND[:PATH[,key=value...]]`` whose kind is known and whose weights exist."""
-    from ngdiag.sensitivity.specs import REWARD_KINDS, parse_reward_spec
+    from ngdiag.rewards.specs import REWARD_KINDS, parse_reward_spec
 
     if not spec or not str(spec).strip():
         raise ConfigError(f"reward is required, e.g. 'brightness' or 'pickscore:/path/to/weights' ({', '.join(REWARD_KINDS)})")

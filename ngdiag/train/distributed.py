@@ -13,7 +13,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["Processes", "resolve_device"]
 

@@ -43,7 +43,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ngdiag.errors import ConfigError, NumericalError, sample_list
+from ngdiag.core.errors import ConfigError, NumericalError, sample_list
 
 __all__ = [
     "LossTerms",

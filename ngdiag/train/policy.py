@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
-from ngdiag.errors import ConfigError
-from ngdiag.generation import prepare_batch
+from ngdiag.core.errors import ConfigError
+from ngdiag.models.generation import prepare_batch
 from ngdiag.models.loading import Checkpoint, load_checkpoint
 from ngdiag.models.pair import AdapterDisabled
 from ngdiag.train.methods.base import Velocities

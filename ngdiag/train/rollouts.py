@@ -2,7 +2,7 @@
 
 Sample ``i`` of iteration ``n`` always has the same prompt and noise seed (:func:`rollout_plan`),
 whatever the number of processes: each process samples a contiguous slice of the plan with
-ngdiag's Euler sampler (:func:`ngdiag.sampling.sample`, the family's own schedule and CFG), decodes
+ngdiag's Euler sampler (:func:`ngdiag.core.sampling.sample`, the family's own schedule and CFG), decodes
 and scores it, and the final latents and rewards are gathered from every process in sample order
 (:class:`RolloutSampler`). Advantages are normalized per prompt group
 (:func:`ngdiag.train.advantages.group_advantages`).
@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 import torch
 
 from ngdiag.core.seeds import derive_seed, seeded_generator
-from ngdiag.errors import ConfigError, NumericalError
-from ngdiag.generation import SamplingConfig, prepare_batch
-from ngdiag.sampling import sample
+from ngdiag.core.errors import ConfigError, NumericalError
+from ngdiag.models.generation import SamplingConfig, prepare_batch
+from ngdiag.core.sampling import sample
 from ngdiag.train.advantages import group_advantages
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ import torch
 
 from ngdiag.core.configs import config_diff
 from ngdiag.core.io import atomic_write, atomic_write_text, json_safe
-from ngdiag.errors import CheckpointError, ConfigError
+from ngdiag.core.errors import CheckpointError, ConfigError
 from ngdiag.train.config import RESUMABLE_CHANGES, TrainConfig
 
 __all__ = [
@@ -92,7 +92,7 @@ def prompts_hash(prompts: Sequence[str]) -> str:
 def _train_inputs(config: TrainConfig) -> list:
     inputs = [("model.base", config.model.base), ("rollouts.prompts_file", config.rollouts.prompts_file)]
     if config.reward:
-        from ngdiag.sensitivity.rewards import parse_reward_spec
+        from ngdiag.rewards.scorers import parse_reward_spec
 
         inputs.append(("reward weights", parse_reward_spec(config.reward)[1]))
     return inputs

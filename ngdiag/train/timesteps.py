@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["TIMESTEP_KINDS", "time_shift", "sample_timesteps"]
 

@@ -43,7 +43,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ngdiag.errors import ConfigError, NumericalError
+from ngdiag.core.errors import ConfigError, NumericalError
 from ngdiag.train import run_folder
 from ngdiag.train.config import TrainConfig
 from ngdiag.train.distributed import Processes, resolve_device
@@ -132,7 +132,7 @@ class Trainer:
             )
         self.prompts = config.rollouts.load_prompts()
         self.policy = Policy(config, self.device, old_policy=self.method.uses_old_policy)
-        from ngdiag.sensitivity.rewards import load_reward
+        from ngdiag.rewards.scorers import load_reward
 
         self.reward = load_reward(config.reward, device=self.device)
         opt = config.optimizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ngdiag.core.configs import check_choice, check_nonneg, check_positive
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.train.losses import AWM_WEIGHTINGS, LossTerms, awm_loss
 from ngdiag.train.methods.base import MicroBatch, OldPolicyMethod, Points, Velocities, check_old_policy_settings
 

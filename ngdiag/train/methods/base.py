@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, List, NamedTuple, Optional
 import torch
 
 from ngdiag.core.configs import check_nonneg, check_positive
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.train.losses import LossTerms, with_normguard
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class Method(ABC):
         return rollouts.samples_per_iteration
 
     def check_rollouts(self, rollouts: "RolloutConfig") -> None:
-        """Refuse rollout settings the method cannot train on (:class:`~ngdiag.errors.ConfigError`)."""
+        """Refuse rollout settings the method cannot train on (:class:`~ngdiag.core.errors.ConfigError`)."""
 
     def units(self, rollouts: "Rollouts", group_size: int) -> list:
         """The iteration's training units, in order: by default every rollout id."""

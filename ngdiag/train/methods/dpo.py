@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, List, Sequence
 import torch
 
 from ngdiag.core.configs import check_at_least, check_positive
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.train.advantages import dpo_pairs
 from ngdiag.train.losses import LossTerms, dpo_loss
 from ngdiag.train.methods.base import Method, MicroBatch, Points, Velocities

@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ngdiag.commands.common import (
+from ngdiag.cli.common import (
     FORMATS,
     Device,
     Progress,
@@ -22,8 +22,8 @@ from ngdiag.commands.common import (
     print_notes,
     resolve_device,
 )
-from ngdiag.errors import ConfigError
-from ngdiag.sensitivity.specs import reward_kinds_help
+from ngdiag.core.errors import ConfigError
+from ngdiag.rewards.specs import reward_kinds_help
 
 
 class _TrainProgress:
@@ -60,7 +60,7 @@ class _TrainProgress:
 
 
 def _parse_steps(text: str) -> list:
-    from ngdiag.generation import MAX_STEPS
+    from ngdiag.models.generation import MAX_STEPS
 
     try:
         steps = [int(s) for s in str(text).replace(" ", "").split(",") if s]
@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
 
         Example: ngdiag compare runs/nft runs/nft-normguard --steps 28,10,4 --reward pickscore:/models/pickscore
         """
-        from ngdiag.generation import SampleSet, SamplingConfig
+        from ngdiag.models.generation import SampleSet, SamplingConfig
 
         check_choice("--format", output_format, FORMATS)
         check_device(device)
@@ -151,10 +151,10 @@ def register(app: typer.Typer) -> None:
             SamplingConfig(guidance_scale=guidance_scale)
         SampleSet(prompts=["-"], num_samples=num_samples, seed=seed, batch_size=batch_size)
         if reward is not None:
-            from ngdiag.sensitivity.specs import parse_reward_spec
+            from ngdiag.rewards.specs import parse_reward_spec
 
             parse_reward_spec(reward)
-        from ngdiag.train.compare import check_compare_output, compare_runs, load_run, run_inputs
+        from ngdiag.workflows.compare import check_compare_output, compare_runs, load_run, run_inputs
 
         first = load_run(run_a, "A")
         # the report path is checked before any model is loaded (the runs are only read here)

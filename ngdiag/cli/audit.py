@@ -1,4 +1,4 @@
-"""``ngdiag audit`` and ``ngdiag merge``: parse, call :mod:`ngdiag.audit`, print.
+"""``ngdiag audit`` and ``ngdiag merge``: parse, call :mod:`ngdiag.workflows.audit`, print.
 
 Every argument is checked before anything is written or any model is loaded; the sampling
 settings are checked against the pipeline as soon as it is loaded, before the run starts.
@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ngdiag.commands.common import finite_float
-from ngdiag.commands.runs import RunCommand, RunOptions
-from ngdiag.errors import ConfigError
-from ngdiag.sensitivity.specs import reward_kinds_help
+from ngdiag.cli.common import finite_float
+from ngdiag.cli.runs import RunCommand, RunOptions
+from ngdiag.core.errors import ConfigError
+from ngdiag.rewards.specs import reward_kinds_help
 
 
 MERGE_HELP = """Join the shards of an audit (run with --shard i/n) into one result.
@@ -51,7 +51,7 @@ def format_human(summary: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     command = RunCommand(
-        kind="audit", what="audit", execute="ngdiag.audit:run_audit", merge="ngdiag.audit:merge_audits", merge_name="merge",
+        kind="audit", what="audit", execute="ngdiag.workflows.audit:run_audit", merge="ngdiag.workflows.audit:merge_audits", merge_name="merge",
         merge_doc=MERGE_HELP, summary_file="summary.json", batch_size=4, format_human=format_human)
 
     @command.register(app)
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--fail-on-inflation must be a non-negative percentage")
 
         def make_config(prompts, sampling):
-            from ngdiag.audit import AuditConfig
+            from ngdiag.workflows.audit import AuditConfig
 
             return AuditConfig(prompts=prompts, num_samples=options.num_samples, sampling=sampling, seed=options.seed,
                                batch_size=options.batch_size, trajectory=trajectory, renorm=renorm, reward=reward,

@@ -1,4 +1,4 @@
-"""``ngdiag sensitivity`` and ``ngdiag merge-sensitivity``: parse, call :mod:`ngdiag.sensitivity.run`, print."""
+"""``ngdiag sensitivity`` and ``ngdiag merge-sensitivity``: parse, call :mod:`ngdiag.workflows.sensitivity`, print."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ngdiag.commands.runs import RunCommand, RunOptions
-from ngdiag.sensitivity.specs import reward_kinds_help
+from ngdiag.cli.runs import RunCommand, RunOptions
+from ngdiag.rewards.specs import reward_kinds_help
 
 
 MERGE_HELP = """Join the shards of a sensitivity run (--shard i/n) into one result.
@@ -36,8 +36,8 @@ def format_human(summary: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     command = RunCommand(
-        kind="sensitivity", what="sensitivity run", execute="ngdiag.sensitivity.run:run_sensitivity",
-        merge="ngdiag.sensitivity.run:merge_sensitivity", merge_name="merge-sensitivity", merge_doc=MERGE_HELP,
+        kind="sensitivity", what="sensitivity run", execute="ngdiag.workflows.sensitivity:run_sensitivity",
+        merge="ngdiag.workflows.sensitivity:merge_sensitivity", merge_name="merge-sensitivity", merge_doc=MERGE_HELP,
         summary_file="sensitivity.json", batch_size=2, format_human=format_human)
 
     @command.register(app)
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         Example: ngdiag sensitivity runs/nft/checkpoint-200 --base models/sd35m --reward pickscore:/models/pickscore --num-samples 64
         """
         def make_config(prompts, sampling):
-            from ngdiag.sensitivity.run import SensitivityConfig
+            from ngdiag.workflows.sensitivity import SensitivityConfig
 
             return SensitivityConfig(prompts=prompts, reward=reward, num_samples=options.num_samples, sampling=sampling,
                                      seed=options.seed, batch_size=options.batch_size, method=method)

@@ -24,7 +24,7 @@ from typing import Annotated, Callable, List, Optional
 
 import typer
 
-from ngdiag.commands.common import (
+from ngdiag.cli.common import (
     FORMATS,
     Device,
     Guidance,
@@ -151,7 +151,7 @@ def run_inputs(checkpoint, base, prompts_file, reward) -> list:
     """The local inputs of a run, which its output folder must stay clear of."""
     inputs = [("checkpoint", checkpoint), ("base", base), ("prompts file", prompts_file)]
     if reward is not None:
-        from ngdiag.sensitivity.specs import parse_reward_spec
+        from ngdiag.rewards.specs import parse_reward_spec
 
         inputs.append(("reward weights", parse_reward_spec(reward)[1]))
     return inputs
@@ -258,7 +258,7 @@ class RunCommand:
         shard = parse_shard(options.shard)
         prompts = read_prompts(options.prompts_file, options.prompt, notes)
         if reward is not None:
-            from ngdiag.sensitivity.specs import parse_reward_spec
+            from ngdiag.rewards.specs import parse_reward_spec
 
             parse_reward_spec(reward)
         o = options

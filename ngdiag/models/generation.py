@@ -1,7 +1,7 @@
 """Generate with a loaded checkpoint: prompts and seeds in, trajectories out.
 
 This is the bridge between :mod:`ngdiag.models` (what a checkpoint is) and
-:mod:`ngdiag.sampling` (how to step it). Sample ``i`` of a run always uses prompt ``i`` and
+:mod:`ngdiag.core.sampling` (how to step it). Sample ``i`` of a run always uses prompt ``i`` and
 seed ``seed + i`` with its own ``torch.Generator``, so any subset of samples (a batch, a shard, a
 resumed run) reproduces exactly the same trajectories: that is what makes resume and shard
 merges identical to a single run, and it matches a diffusers pipeline called with a list of
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ngdiag.core.configs import read_yaml_mapping
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.models.families import SUPPORTED_FAMILIES, Conditioning, call_kwargs_for
 from ngdiag.models.loading import Checkpoint
-from ngdiag.sampling import SampleResult, sample
+from ngdiag.core.sampling import SampleResult, sample
 
 __all__ = [
     "SamplingConfig", "SampleSet", "PreparedBatch", "prepare_batch", "generate", "recorded_sampling",

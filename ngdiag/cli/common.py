@@ -16,7 +16,7 @@ from typing import Annotated, Callable, List, Optional, Sequence
 import typer
 
 from ngdiag.core.configs import read_text
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 FORMATS = ("human", "json")
 
@@ -153,7 +153,7 @@ Device = Annotated[str, typer.Option(help=f"Device: {DEVICE_HELP}")]
 
 
 def sampling_options(steps, guidance_scale, height, width, max_sequence_length, negative_prompt, text_encoder_out_layers) -> dict:
-    """The command line's sampling settings as :class:`~ngdiag.generation.SamplingConfig` fields (``None``: unset)."""
+    """The command line's sampling settings as :class:`~ngdiag.models.generation.SamplingConfig` fields (``None``: unset)."""
     layers = None
     if text_encoder_out_layers is not None:
         try:
@@ -172,14 +172,14 @@ NGDIAG_DEFAULT = "ngdiag's default"
 
 
 def sampling_config(checkpoint: str, given: dict, sampling_from: Optional[Path], notes: list):
-    """The :class:`~ngdiag.generation.SamplingConfig` of a command, with where each value came from.
+    """The :class:`~ngdiag.models.generation.SamplingConfig` of a command, with where each value came from.
 
     Precedence: the command line (``given``, values ``None`` when unset), then the file passed
     with ``--sampling-from``, else the settings recorded by the ngdiag training run that wrote
     ``checkpoint``, then ngdiag's defaults (28 steps, guidance 4.5). Sizes and call arguments left
     unset are filled from the pipeline once it is loaded (:meth:`SampleSet.resolved`).
     """
-    from ngdiag.generation import SamplingConfig, recorded_sampling, sampling_settings_from_file
+    from ngdiag.models.generation import SamplingConfig, recorded_sampling, sampling_settings_from_file
 
     values, origin = {}, {}
     for name, value in given.items():

@@ -5,7 +5,7 @@
 1. takes each run's metrics log (``metrics.jsonl``): reward mean / std, ``norm_ratio_mean``,
    ``inflation``, penalty and hinge-active fraction against the iteration;
 2. audits each run's final checkpoint against the shared base at every step count of ``steps``
-   (:func:`ngdiag.audit.run_audit`, theta's trajectory, guided velocity, the same prompts and
+   (:func:`ngdiag.workflows.audit.run_audit`, theta's trajectory, guided velocity, the same prompts and
    seeds for every model): the inflation with its bootstrap interval, the per-step ratio curve,
    the reward of the run and of the base on the same seeds, and an image grid;
 3. builds a table shaped like the paper's Table 3: one row per model (base, run A, run B) and
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 from ngdiag.train.config import TrainConfig
 from ngdiag.train.run_folder import CONFIG_FILE, latest_checkpoint, read_metrics
 
@@ -331,7 +331,7 @@ def compare_runs(
     Raises:
         ConfigError: a folder that is not a run, runs trained from different bases, bad settings.
     """
-    from ngdiag.audit import AuditConfig, run_audit
+    from ngdiag.workflows.audit import AuditConfig, run_audit
     from ngdiag.models.loading import load_checkpoint
     from ngdiag.train.config import check_reward_spec
 

@@ -1,6 +1,6 @@
 """The ``ngdiag`` command line. Commands only parse arguments and call the library.
 
-Data goes to stdout, progress and notes to stderr. Every :class:`~ngdiag.errors.NgdiagError`
+Data goes to stdout, progress and notes to stderr. Every :class:`~ngdiag.core.errors.NgdiagError`
 and every usage error becomes one line ``error: ...`` on stderr and exit code 2; a failed check
 (``--fail-on-...``) exits 1; Ctrl-C prints ``error: interrupted`` on a fresh line and exits 130;
 an unexpected internal error is one line and exit code 3 (``NGDIAG_DEBUG=1`` shows the traceback).
@@ -25,7 +25,7 @@ from typing import Annotated, List, Optional
 import typer
 
 import ngdiag
-from ngdiag.errors import ConfigError, NgdiagError
+from ngdiag.core.errors import ConfigError, NgdiagError
 
 app = typer.Typer(
     name="ngdiag",
@@ -103,7 +103,7 @@ def inspect(
 
     Example: ngdiag inspect runs/nft/checkpoint-200 --base models/sd35m
     """
-    from ngdiag.commands.common import FORMATS, check_choice, print_checkpoint_notes
+    from ngdiag.cli.common import FORMATS, check_choice, print_checkpoint_notes
 
     check_choice("--format", output_format, FORMATS)
     from ngdiag.models.loading import load_checkpoint
@@ -122,7 +122,7 @@ def inspect(
 
 def _register_commands():
     """Commands living in their own modules register themselves here."""
-    from ngdiag.commands import audit, sensitivity, train
+    from ngdiag.cli import audit, sensitivity, train
 
     for module in (audit, sensitivity, train):
         module.register(app)

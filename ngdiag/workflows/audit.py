@@ -28,15 +28,15 @@ import torch
 from ngdiag.core.io import json_safe
 from ngdiag.core.seeds import sample_seeds
 from ngdiag.core.tensors import check_finite
-from ngdiag.errors import ConfigError
-from ngdiag.generation import SampleSet, prepare_batch
+from ngdiag.core.errors import ConfigError
+from ngdiag.models.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import ADAPTER_NAME, Checkpoint
 from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
 from ngdiag.probes.paired import PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import rl_renorm_intervention
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
-from ngdiag.sampling import sample
+from ngdiag.core.sampling import sample
 from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
 
 __all__ = ["AuditConfig", "AuditResult", "AuditWorkflow", "run_audit", "merge_audits", "parse_shard", "SCHEMA_VERSION"]
@@ -50,13 +50,13 @@ class AuditConfig(SampleSet):
     """What to audit and how (sample ``i``: prompt ``i mod len(prompts)``, seed ``seed + i``).
 
     Attributes:
-        prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.generation.SampleSet`;
+        prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.models.generation.SampleSet`;
             ``num_samples`` is the bootstrap unit, ``seed`` also seeds the bootstrap.
         trajectory: ``"theta"`` (default) or ``"ref"``: whose trajectory the norms are taken on.
         renorm: also sample theta with RL renormalization (eq. 3) and the reference's own
             trajectory, and compare them.
         renorm_on: ``"guided"`` or ``"cond"``.
-        reward: a reward spec (``ngdiag.sensitivity.rewards.load_reward``) scoring base, RL and
+        reward: a reward spec (``ngdiag.rewards.scorers.load_reward``) scoring base, RL and
             RL+renorm images (the paper's Table 1 row).
         tolerance, confidence, bootstrap, n_resamples: the verdict's statistics.
         grid_size: how many samples appear in the report's image grid.
@@ -397,7 +397,7 @@ def run_audit(checkpoint: Checkpoint, config: AuditConfig, *, out_dir=None, shar
     config.check_against(checkpoint)  # image size and the like: before anything is written
     reward = None
     if config.reward is not None:
-        from ngdiag.sensitivity.rewards import load_reward
+        from ngdiag.rewards.scorers import load_reward
 
         reward = load_reward(config.reward, device=checkpoint.adapter.device)
     workflow = AuditWorkflow(config, checkpoint.describe())

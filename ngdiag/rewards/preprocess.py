@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = [
     "OPENAI_CLIP_MEAN",

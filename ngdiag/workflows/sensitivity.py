@@ -22,8 +22,8 @@ import torch
 
 from ngdiag.core.io import json_safe
 from ngdiag.core.seeds import sample_seeds
-from ngdiag.errors import ConfigError
-from ngdiag.generation import SampleSet, prepare_batch
+from ngdiag.core.errors import ConfigError
+from ngdiag.models.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, run_workflow, versions
 from ngdiag.sensitivity.adjoint import norm_sensitivity
@@ -41,7 +41,7 @@ class SensitivityConfig(SampleSet):
     """What to analyse (sample ``i``: prompt ``i mod len(prompts)``, seed ``seed + i``).
 
     Attributes:
-        prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.generation.SampleSet`.
+        prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.models.generation.SampleSet`.
         reward: the reward spec (required), e.g. ``pickscore:/models/pickscore``.
         method: ``"discrete"`` (exact adjoint of the sampler) or ``"continuous"`` (torchdiffeq).
         solver, continuous_substeps: the continuous method's torchdiffeq solver.
@@ -227,9 +227,9 @@ def run_sensitivity(checkpoint: Checkpoint, config: SensitivityConfig, *, out_di
     """Compute S(t) per sample and step for ``checkpoint`` (see module docstring).
 
     ``out_dir``, ``shard``, ``overwrite``, ``progress`` and ``report`` work as for
-    :func:`ngdiag.audit.run_audit`; returns ``None`` for a shard of several.
+    :func:`ngdiag.workflows.audit.run_audit`; returns ``None`` for a shard of several.
     """
-    from ngdiag.sensitivity.rewards import load_reward
+    from ngdiag.rewards.scorers import load_reward
 
     if config.model == "ref":
         checkpoint.require_ref()

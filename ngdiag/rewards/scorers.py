@@ -29,9 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ngdiag.errors import CheckpointError, ConfigError
-from ngdiag.sensitivity.preprocess import ImagePreprocess, check_images, clip_preprocess, hpsv2_preprocess
-from ngdiag.sensitivity.specs import REWARD_KINDS, existing_path, parse_reward_spec, split_reward_spec
+from ngdiag.core.errors import CheckpointError, ConfigError
+from ngdiag.rewards.preprocess import ImagePreprocess, check_images, clip_preprocess, hpsv2_preprocess
+from ngdiag.rewards.specs import REWARD_KINDS, existing_path, parse_reward_spec, split_reward_spec
 
 __all__ = [
     "REWARD_KINDS",
@@ -478,7 +478,7 @@ class HPSv2Reward(_OpenClipReward):
 
 
 # --------------------------------------------------------------------------------------------
-# Spec strings (the grammar and the registry of kinds live in ngdiag.sensitivity.specs).
+# Spec strings (the grammar and the registry of kinds live in ngdiag.rewards.specs).
 
 _BUILTINS: dict[str, type[BaseReward]] = {
     "brightness": BrightnessReward,

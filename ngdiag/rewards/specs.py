@@ -2,7 +2,7 @@
 
 This module imports neither torch nor any model library, so that the command line can list the
 reward kinds in its help and validate a spec before anything heavy is imported;
-:mod:`ngdiag.sensitivity.rewards` maps each kind to its reward class.
+:mod:`ngdiag.rewards.scorers` maps each kind to its reward class.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = ["RewardKind", "REWARD_SPECS", "REWARD_KINDS", "parse_reward_spec", "reward_kinds_help"]
 
@@ -25,7 +25,7 @@ class RewardKind:
     options: tuple[str, ...] = ()
 
 
-#: Every reward kind :func:`ngdiag.sensitivity.rewards.load_reward` understands.
+#: Every reward kind :func:`ngdiag.rewards.scorers.load_reward` understands.
 REWARD_SPECS: dict[str, RewardKind] = {
     "brightness": RewardKind("brightness"),
     "contrast": RewardKind("contrast"),

@@ -20,7 +20,7 @@ reward adjoint (:mod:`ngdiag.sensitivity.adjoint`) differentiates this very loop
 
 Example:
     >>> import torch
-    >>> from ngdiag.sampling import sample
+    >>> from ngdiag.core.sampling import sample
     >>> x1 = torch.ones(2, 3)
     >>> sigmas = torch.tensor([1.0, 0.5, 0.0])
     >>> out = sample(lambda x, t: x, x1, sigmas)   # dx/dt = x, integrated from t=1 to t=0
@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
 import torch
 
-from ngdiag.errors import ConfigError
+from ngdiag.core.errors import ConfigError
 
 __all__ = [
     "VelocityModel",
