@@ -10,7 +10,8 @@ layers behind them):
 - :func:`run_sensitivity` (:class:`SensitivityConfig` -> :class:`SensitivityRun`),
   :func:`merge_sensitivity`, and :func:`norm_sensitivity` (-> :class:`SensitivityResult`) for any
   velocity model: the reward-adjoint norm-scaling sensitivity S(t);
-- :func:`train` (:class:`TrainConfig` -> :class:`TrainResult`) and :func:`compare_runs`
+- :func:`run_training` (:class:`TrainConfig` -> :class:`TrainResult`; it is
+  :func:`ngdiag.train.train`, named apart from the ``ngdiag.train`` package) and :func:`compare_runs`
   (-> :class:`CompareResult`): NormGuard training and the comparison of training runs;
 - :func:`probe`: record ``||v_theta|| / ||v_ref||`` during a live diffusers pipeline call;
 - :func:`sample` and :class:`SamplingConfig`: Euler sampling exactly as diffusers does it;
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+#: public name -> "module" (the same name there) or "module:name"
 _LAZY = {
     "load_checkpoint": "ngdiag.models.loading",
     "Checkpoint": "ngdiag.models.loading",
@@ -34,7 +36,7 @@ _LAZY = {
     "SensitivityRun": "ngdiag.workflows.sensitivity",
     "norm_sensitivity": "ngdiag.sensitivity.adjoint",
     "SensitivityResult": "ngdiag.sensitivity.result",
-    "train": "ngdiag.train.trainer",
+    "run_training": "ngdiag.train.trainer:train",
     "TrainConfig": "ngdiag.train.config",
     "TrainResult": "ngdiag.train.trainer",
     "compare_runs": "ngdiag.workflows.compare",
@@ -56,7 +58,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from ngdiag.sensitivity.result import SensitivityResult
     from ngdiag.train.config import TrainConfig
     from ngdiag.train.losses import normguard_penalty
-    from ngdiag.train.trainer import TrainResult, train
+    from ngdiag.train.trainer import TrainResult
+    from ngdiag.train.trainer import train as run_training
     from ngdiag.workflows.audit import AuditConfig, AuditResult, merge_audits, run_audit
     from ngdiag.workflows.compare import CompareResult, compare_runs
     from ngdiag.workflows.sensitivity import SensitivityConfig, SensitivityRun, merge_sensitivity, run_sensitivity
@@ -68,7 +71,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, _, attribute = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), attribute or name)
     raise AttributeError(f"module 'ngdiag' has no attribute {name!r}")
 
 

@@ -2,6 +2,7 @@
 private name from another module. Read from the source with ``ast`` (imports inside functions too)."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,15 @@ def test_public_api_resolves_and_type_checkers_see_every_name():
 
     tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
     block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
-    seen = {a.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    seen = {
+        a.asname or a.name: node.module + ("" if a.asname is None else f":{a.name}")
+        for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names
+    }
     assert seen == ngdiag._LAZY
-    for name, module in ngdiag._LAZY.items():
-        assert getattr(ngdiag, name).__module__ == module, name
+    import ngdiag.train.trainer  # noqa: F401  (a loaded subpackage must not shadow a public name)
+
+    for name, target in ngdiag._LAZY.items():
+        module, _, attribute = target.partition(":")
+        obj = getattr(ngdiag, name)
+        assert obj is getattr(importlib.import_module(module), attribute or name) and obj.__module__ == module, name
     assert set(ngdiag.__all__) == {"__version__", *ngdiag._LAZY} and "GuidedVelocity" not in dir(ngdiag)
