@@ -20,6 +20,8 @@ layers behind them):
 
 from typing import TYPE_CHECKING
 
+from ngdiag.core.lazy import lazy_attributes
+
 __version__ = "0.1.0"
 
 #: public name -> "module" (the same name there) or "module:name"
@@ -67,13 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, _, attribute = _LAZY[name].partition(":")
-        return getattr(importlib.import_module(module), attribute or name)
-    raise AttributeError(f"module 'ngdiag' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__():

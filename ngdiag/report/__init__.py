@@ -5,25 +5,18 @@ report can be rebuilt from a run's saved ``summary.json`` and CSV/parquet files 
 Imported lazily, so that ``import ngdiag.report`` does not import matplotlib or jinja2.
 """
 
+from ngdiag.core.lazy import lazy_attributes
+
 _LAZY = {
-    "render_audit_report": "ngdiag.report.html",
-    "render_sensitivity_report": "ngdiag.report.html",
-    "render_compare_report": "ngdiag.report.html",
-    "write_html": "ngdiag.report.html",
-    "figure_to_data_uri": "ngdiag.report.html",
-    "format_interval": "ngdiag.report.html",
-    "THETA_COLOR": "ngdiag.report.figures",
-    "REF_COLOR": "ngdiag.report.figures",
-    "RENORM_COLOR": "ngdiag.report.figures",
-    "RUN_COLORS": "ngdiag.report.figures",
+    **dict.fromkeys(
+        ("render_audit_report", "render_sensitivity_report", "render_compare_report", "write_html", "figure_to_data_uri",
+         "format_interval"),
+        "ngdiag.report.html",
+    ),
+    **dict.fromkeys(("THETA_COLOR", "REF_COLOR", "RENORM_COLOR", "RUN_COLORS"), "ngdiag.report.figures"),
 }
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ngdiag.report' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

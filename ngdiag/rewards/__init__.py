@@ -3,19 +3,12 @@
 preprocessing (:mod:`ngdiag.rewards.preprocess`). Names are imported lazily, so that parsing a spec
 stays cheap."""
 
+from ngdiag.core.lazy import lazy_attributes
+
 _LAZY = {
     "load_reward": "ngdiag.rewards.scorers",
-    "REWARD_KINDS": "ngdiag.rewards.specs",
-    "parse_reward_spec": "ngdiag.rewards.specs",
-    "split_reward_spec": "ngdiag.rewards.specs",
+    **dict.fromkeys(("REWARD_KINDS", "parse_reward_spec", "split_reward_spec"), "ngdiag.rewards.specs"),
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ngdiag.rewards' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

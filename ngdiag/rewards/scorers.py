@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 Prompts = Sequence[str] | str | None
+PathLike = str | os.PathLike[str]
+Device = torch.device | str | None
 
 #: ITU-R BT.601 luma weights (what PIL's ``convert("L")`` uses).
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -424,14 +426,7 @@ class OpenClipScoreReward(_OpenClipReward):
         return 100.0
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        clip_arch: str,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> OpenClipScoreReward:
+    def from_checkpoint(cls, path: PathLike, *, clip_arch: str, device: Device = None, dtype: torch.dtype | None = None) -> OpenClipScoreReward:
         """Load an open_clip checkpoint file for architecture ``clip_arch`` (needs open_clip_torch).
 
         Preprocessing is CLIP's (shortest side, centre crop, OpenAI mean / std) at the model's
@@ -460,12 +455,7 @@ class HPSv2Reward(_OpenClipReward):
 
     @classmethod
     def from_checkpoint(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        clip_arch: str = "ViT-H-14",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        cls, path: PathLike, *, clip_arch: str = "ViT-H-14", device: Device = None, dtype: torch.dtype | None = None
     ) -> HPSv2Reward:
         """Load ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` (needs open_clip_torch).
 

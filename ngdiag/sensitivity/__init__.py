@@ -5,6 +5,8 @@ per step and sample; see ``docs/sensitivity.md``. The names are imported lazily,
 torch-free :mod:`ngdiag.rewards.specs` (the reward spec registry) stays cheap to import.
 """
 
+from ngdiag.core.lazy import lazy_attributes
+
 _LAZY = {
     "norm_sensitivity": "ngdiag.sensitivity.adjoint",
     "ADAPTIVE_SOLVERS": "ngdiag.sensitivity.adjoint",
@@ -15,9 +17,4 @@ _LAZY = {
 __all__ = ["norm_sensitivity", "SensitivityResult", "FIXED_GRID_SOLVERS", "ADAPTIVE_SOLVERS"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ngdiag.sensitivity' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

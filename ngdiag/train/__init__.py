@@ -7,6 +7,7 @@ one module per method in :mod:`ngdiag.train.methods`), its config and the ``ngdi
 command build on them.
 """
 
+from ngdiag.core.lazy import lazy_attributes
 from ngdiag.train import losses
 from ngdiag.train.config import TrainConfig, load_config
 from ngdiag.train.losses import *  # noqa: F401,F403 (the names of losses.__all__)
@@ -15,14 +16,5 @@ __all__ = ["TrainConfig", "load_config", "train", "compare_runs"]
 __all__ += losses.__all__
 
 
-def __getattr__(name):
-    # The trainer and the comparison pull in diffusers/peft; import them on first use.
-    if name == "train":
-        from ngdiag.train.trainer import train
-
-        return train
-    if name == "compare_runs":
-        from ngdiag.workflows.compare import compare_runs
-
-        return compare_runs
-    raise AttributeError(f"module 'ngdiag.train' has no attribute {name!r}")
+# The trainer and the comparison pull in diffusers/peft; import them on first use.
+__getattr__ = lazy_attributes(__name__, {"train": "ngdiag.train.trainer", "compare_runs": "ngdiag.workflows.compare"})
