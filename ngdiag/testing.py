@@ -436,6 +436,20 @@ def save_rotated_finetune(base_path, out_path, angle: float, *, scale: float = 1
     return out_path
 
 
+def fill_lora_weights(model: torch.nn.Module, *, seed: int, init_scale: float, zero: bool = False) -> None:
+    """Seeded random LoRA matrices of a PEFT model (``B = 0`` when ``zero``: no effect at all), in
+    parameter order; DoRA magnitudes, where there are any, are moved by up to 10 % from their init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * init_scale)
+            elif ".lora_B." in name:
+                param.copy_(torch.zeros_like(param) if zero else torch.randn(param.shape, generator=gen) * init_scale)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.1 * torch.rand(param.shape, generator=gen))
+
+
 def save_lora_adapter(
     base_path,
     out_path,
@@ -467,13 +481,7 @@ def save_lora_adapter(
     pipe = DiffusionPipeline.from_pretrained(base_path, use_safetensors=True, local_files_only=True)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
     model = get_peft_model(pipe.transformer, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_A" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * init_scale)
-            elif "lora_B" in name:
-                param.copy_(torch.zeros_like(param) if zero else torch.randn(param.shape, generator=gen) * init_scale)
+    fill_lora_weights(model, seed=seed, init_scale=init_scale, zero=zero)
     out_path = Path(out_path)
     if layout == "peft":
         config.base_model_name_or_path = str(Path(base_path).resolve())

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ngdiag.testing import fill_lora_weights
+
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -35,19 +37,6 @@ def fresh_pipeline(base):
     pipe = DiffusionPipeline.from_pretrained(base, use_safetensors=True, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _fill_adapter(model: torch.nn.Module, *, seed: int, init_scale: float, zero_lora: bool = False) -> None:
-    """Seeded random LoRA matrices (``B = 0`` when ``zero_lora``) and DoRA magnitudes near their init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * init_scale)
-            elif ".lora_B." in name:
-                param.copy_(torch.zeros_like(param) if zero_lora else torch.randn(param.shape, generator=gen) * init_scale)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1.0 + 0.1 * torch.rand(param.shape, generator=gen))
 
 
 def _scale_saved_copies(model, names: Sequence[str], factor: float) -> None:
@@ -86,7 +75,7 @@ def peft_model(
                         modules_to_save=list(modules_to_save) if modules_to_save else None,
                         use_rslora=use_rslora, use_dora=use_dora)
     model = get_peft_model(pipe.transformer, config)
-    _fill_adapter(model, seed=seed, init_scale=init_scale, zero_lora=zero_lora)
+    fill_lora_weights(model, seed=seed, init_scale=init_scale, zero=zero_lora)
     if saved_scale != 1.0:
         _scale_saved_copies(model, modules_to_save, saved_scale)
     return pipe, model, config
@@ -153,7 +142,7 @@ def save_diffusers_script_lora(
     transformer = pipe.transformer
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                        target_modules=list(target_modules)))
-    _fill_adapter(transformer, seed=seed, init_scale=init_scale)
+    fill_lora_weights(transformer, seed=seed, init_scale=init_scale)
     metadata = _collate_lora_metadata({"transformer": transformer}) if with_metadata else {}
     type(pipe).save_lora_weights(Path(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
                                  safe_serialization=True, **metadata)
