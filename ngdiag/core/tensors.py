@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ def _sample_names(bad: torch.Tensor, sample_ids: Optional[Sequence[int]]) -> str
 
 def check_finite(
     x: Union[torch.Tensor, Sequence[torch.Tensor]],
-    problem: str,
+    problem: Union[str, Callable[[], str]],
     *,
     sample_ids: Optional[Sequence[int]] = None,
     hint: str = "",
@@ -99,7 +99,8 @@ def check_finite(
         x: a tensor of shape ``(B, ...)``, or several of them sharing the sample axis (a sample is
             bad when it is bad in any of them).
         problem: the message up to the samples, in the caller's words, e.g.
-            ``"theta's velocity is not finite at step 3 (t=0.6000)"``.
+            ``"theta's velocity is not finite at step 3 (t=0.6000)"``; a function returning it is
+            called only when a sample is bad (no device-to-host copy to format a time every step).
         sample_ids: the global ids of the ``B`` samples; default ``0 ... B-1``.
         hint: appended after the samples, e.g. ``"(the latents are finite: check the VAE)"``.
 
@@ -110,7 +111,7 @@ def check_finite(
     tensors = (x,) if isinstance(x, torch.Tensor) else tuple(x)
     bad = nonfinite_samples(*tensors)
     if bool(bad.any()):
-        message = f"{problem} for samples {_sample_names(bad, sample_ids)}"
+        message = f"{problem() if callable(problem) else problem} for samples {_sample_names(bad, sample_ids)}"
         raise NumericalError(f"{message} {hint}" if hint else message)
 
 

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -76,7 +76,7 @@ class PairedVelocity:
         )
 
 
-def check_pair_finite(ev: VelocityEval, *, step: int, t: float, sample_ids: Optional[Sequence[int]] = None) -> None:
+def check_pair_finite(ev: VelocityEval, *, step: int, t: Union[float, torch.Tensor], sample_ids: Optional[Sequence[int]] = None) -> None:
     """Raise :class:`~ngdiag.core.errors.NumericalError` when theta's or (if present) ref's guided velocity is not finite.
 
     The message names the step, its time and the global sample ids, e.g.
@@ -84,7 +84,8 @@ def check_pair_finite(ev: VelocityEval, *, step: int, t: float, sample_ids: Opti
     """
     named = [("theta", ev)] + ([("ref", ev.extras["ref"])] if "ref" in ev.extras else [])
     for who, velocity in named:
-        check_finite(velocity.guided, f"{who}'s velocity is not finite at step {step} (t={t:.4f})", sample_ids=sample_ids)
+        check_finite(velocity.guided, lambda who=who: f"{who}'s velocity is not finite at step {step} (t={float(t):.4f})",
+                     sample_ids=sample_ids)
 
 
 def compare_pair(theta: VelocityEval, ref: VelocityEval, *, step: int) -> dict:

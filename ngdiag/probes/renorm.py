@@ -122,7 +122,7 @@ def rl_renorm_intervention(
 
     def intervene(step: int, t: torch.Tensor, ev: VelocityEval) -> torch.Tensor:
         ref = _reference(ev)
-        check_pair_finite(ev, step=step, t=float(t[0]), sample_ids=sample_ids)
+        check_pair_finite(ev, step=step, t=t[0], sample_ids=sample_ids)
         if on == "guided":
             return rl_renorm(ev.guided, ref.guided, step=step)
         cond = rl_renorm(ev.cond, ref.cond, step=step)
@@ -143,7 +143,7 @@ def cfg_renorm_intervention(*, sample_ids: Optional[Sequence[int]] = None) -> In
     """
 
     def intervene(step: int, t: torch.Tensor, ev: VelocityEval) -> torch.Tensor:
-        check_pair_finite(ev, step=step, t=float(t[0]), sample_ids=sample_ids)
+        check_pair_finite(ev, step=step, t=t[0], sample_ids=sample_ids)
         return cfg_renorm(ev.guided, ev.cond, step=step)
 
     return intervene

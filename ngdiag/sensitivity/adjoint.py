@@ -312,9 +312,11 @@ class _ScaledField:
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        where = f"{self.where} at t={float(t):.4g}"
-        v = velocity_at(self.velocity, x, batch_time(t, x), lambda: where).step_velocity
-        check_finite(v, f"the velocity is not finite {where}")
+        def where() -> str:
+            return f"{self.where} at t={float(t):.4g}"
+
+        v = velocity_at(self.velocity, x, batch_time(t, x), where).step_velocity
+        check_finite(v, lambda: f"the velocity is not finite {where()}")
         return self.scale.reshape((-1,) + (1,) * (x.dim() - 1)).to(v.dtype) * v.to(x.dtype)
 
 
