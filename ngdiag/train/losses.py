@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ngdiag.core.errors import ConfigError, NumericalError, sample_list
+from ngdiag.core.tensors import working_dtype
 
 __all__ = [
     "LossTerms",
@@ -105,11 +106,6 @@ class NormGuardTerms:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precisions are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _dims(v: torch.Tensor) -> Tuple[int, ...]:
@@ -198,7 +194,7 @@ def _penalty_parts(
     for k, (v_theta, v_ref) in enumerate(pairs):
         suffix = "" if len(pairs) == 1 else f"[{k}]"
         _check_shapes(f"v_theta{suffix}", v_theta, **{f"v_ref{suffix}": v_ref})
-        dtype = _working_dtype(v_theta, v_ref)
+        dtype = working_dtype(v_theta, v_ref)
         vt = v_theta.reshape(v_theta.shape[0], -1).to(dtype)
         vr = v_ref.detach().reshape(v_ref.shape[0], -1).to(dtype)
         sq_t = (vt * vt).sum(dim=1)  # ||v_theta||^2, autograd kept
@@ -379,7 +375,7 @@ def flow_matching_loss(
         ConfigError: shapes differ, or ``weight`` is not ``(B,)``.
     """
     _check_shapes("v_theta", v_theta, x0=x0, eps=eps)
-    dtype = _working_dtype(v_theta, x0, eps)
+    dtype = working_dtype(v_theta, x0, eps)
     per = _mse_per_sample(v_theta.to(dtype), (eps - x0).to(dtype))
     if weight is not None:
         weight = torch.as_tensor(weight, device=v_theta.device)
@@ -472,7 +468,7 @@ def nft_loss(
     if v_ref is None and kl_beta > 0:
         raise ConfigError("nft_loss needs v_ref when kl_beta > 0.")
     b = v_theta.shape[0]
-    t_b = _broadcast(_per_sample("t", t, b, v_theta).to(_working_dtype(v_theta, x_t, x0)), v_theta)
+    t_b = _broadcast(_per_sample("t", t, b, v_theta).to(working_dtype(v_theta, x_t, x0)), v_theta)
     adv = _per_sample("advantage", advantage, b, v_theta).to(torch.float64)
 
     r = (adv.clamp(-m, m) / m / 2.0 + 0.5).clamp(0.0, 1.0)
@@ -544,7 +540,7 @@ def awm_log_prob(
         raise ConfigError(f"weighting must be one of {', '.join(AWM_WEIGHTINGS)}, got {weighting!r}.")
     p = _check_positive("ghuber_power", ghuber_power)
     _check_shapes("v", v, target=target)
-    out_dtype = _working_dtype(v, target)
+    out_dtype = working_dtype(v, target)
     b = v.shape[0]
     sigma = _per_sample("t", t, b, v).to(torch.float64)
     lp = -_mse_per_sample(v.double(), target.double())
@@ -728,7 +724,7 @@ def dpo_loss(
     """
     beta = _check_positive("beta", beta)
     _check_shapes("v_w", v_w, v_l=v_l, v_ref_w=v_ref_w, v_ref_l=v_ref_l, target_w=target_w, target_l=target_l)
-    dtype = _working_dtype(v_w, v_l, target_w, target_l)
+    dtype = working_dtype(v_w, v_l, target_w, target_l)
     e_w = _mse_per_sample(v_w.to(dtype), target_w.to(dtype))
     e_l = _mse_per_sample(v_l.to(dtype), target_l.to(dtype))
     with torch.no_grad():

@@ -32,9 +32,9 @@ from ngdiag.core.errors import ConfigError
 from ngdiag.models.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import ADAPTER_NAME, Checkpoint
 from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
-from ngdiag.probes.paired import PairedVelocity, PairRecorder
+from ngdiag.probes.paired import TRAJECTORIES, PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
-from ngdiag.probes.renorm import rl_renorm_intervention
+from ngdiag.probes.renorm import RENORM_TARGETS, rl_renorm_intervention
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
 from ngdiag.core.sampling import sample
 from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
@@ -80,9 +80,9 @@ class AuditConfig(SampleSet):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trajectory not in ("theta", "ref"):
+        if self.trajectory not in TRAJECTORIES:
             raise ConfigError(f"trajectory must be 'theta' or 'ref', got {self.trajectory!r}")
-        if self.renorm_on not in ("guided", "cond"):
+        if self.renorm_on not in RENORM_TARGETS:
             raise ConfigError(f"renorm_on must be 'guided' or 'cond', got {self.renorm_on!r}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence must lie in (0, 1), got {self.confidence}")
@@ -247,7 +247,7 @@ class _BatchRunner:
                 finals["rl"] = sample(theta_g, batch.x_init, batch.sigmas).x_final
             if cfg.renorm:
                 renorm = rl_renorm_intervention(cfg.renorm_on, guidance=theta_g, sample_ids=ids)
-                finals["rl+renorm"] = sample(PairedVelocity(theta_g, ref_g), batch.x_init, batch.sigmas,
+                finals["rl+renorm"] = sample(PairedVelocity(theta_g, ref_g, fused=fused), batch.x_init, batch.sigmas,
                                              intervention=renorm).x_final
         for name, x in finals.items():
             check_finite(x, f"the {name} samples are not finite (NaN or inf) after the last step", sample_ids=ids)
