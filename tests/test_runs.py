@@ -189,13 +189,13 @@ def test_every_shard_is_checked_before_a_merge_writes(tmp_path):
     state = json.loads((bad / STATE_FILE).read_text())
     (bad / STATE_FILE).write_text(json.dumps({**state, "num_batches": 5}))
     refused([shards[0], bad], "records 5 batches, its config makes 4")
-    # a missing part, and a damaged one: named with what to delete
+    # a missing part, and a damaged one: named, with the rerun that redoes them
     (bad / STATE_FILE).write_text(json.dumps(state))
     (bad / "parts" / "values-b00003.json").unlink()
     refused([shards[0], bad], "values-b00003.json is missing")
     (bad / "parts" / "values-b00003.json").write_text("[1.0, ")
-    refused([shards[0], bad], f"cannot read the part of batch 3 in {bad} (JSONDecodeError); delete "
-                              f"{bad / 'parts' / 'values-b00003.json'} and rerun")
+    refused([shards[0], bad], f"cannot read the part of batch 3 in {bad} (JSONDecodeError); rerun the run in {bad} "
+                              "with --overwrite to redo it")
     # an unfinished shard
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "half", shard=(1, 2), stop_after=1)
@@ -263,14 +263,14 @@ def test_merge_sensitivity_of_shards_written_before_num_batches_and_of_a_cut_par
     assert json.loads(out)["num_samples"] == 3
     assert json.loads((tmp_path / "m" / STATE_FILE).read_text())["num_batches"] == 3
 
-    # a cut part (a shard's disk filled up, a copy broke off): one line naming the file to delete, nothing written
+    # a cut part (a shard's disk filled up, a copy broke off): one line naming the shard and its rerun, nothing written
     part = tmp_path / "s1" / "parts" / "sensitivity-b00001.npz"
     part.write_bytes(part.read_bytes()[:100])
     code, _, err = run_cli("merge-sensitivity", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "m2")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
-    assert lines[0] == (f"error: cannot read the part of batch 1 in {tmp_path / 's1'} (BadZipFile); delete {part} "
-                        "and rerun to redo that batch"), err
+    assert lines[0] == (f"error: cannot read the part of batch 1 in {tmp_path / 's1'} (BadZipFile); rerun the run in "
+                        f"{tmp_path / 's1'} with --overwrite to redo it"), err
     assert not (tmp_path / "m2").exists()
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from ngdiag.core.errors import ConfigError
@@ -138,13 +138,13 @@ class Workflow:
         path = Path(path)
         done = path / self.done_file(b)
         if not done.is_file():
-            raise ConfigError(f"{done} is missing: the run in {path} is incomplete; rerun it with the same arguments")
+            raise ConfigError(f"{done} is missing: rerun the run in {path} with --overwrite to redo it")
         try:
             return self.read_part(path, b)
         except _UNREADABLE as exc:
-            files = ", ".join(str(path / PurePosixPath(f)) for f in self.part_paths(b).values())
+            # a finished run does not resume, so deleting the part would not redo it: --overwrite does
             raise ConfigError(f"cannot read the part of batch {b} in {path} ({type(exc).__name__}); "
-                              f"delete {files} and rerun to redo that batch") from None
+                              f"rerun the run in {path} with --overwrite to redo it") from None
 
 
 def run_workflow(
@@ -189,8 +189,7 @@ def run_workflow(
         return workflow.finalize(parts)
 
     state = workflow.state((i, n))
-    with use_output(out_dir, kind=workflow.kind, inputs=workflow.inputs(), overwrite=overwrite,
-                    config=state["config"], shard=[i, n]) as folder:
+    with use_output(out_dir, kind=workflow.kind, inputs=workflow.inputs(), overwrite=overwrite) as folder:
         folder.begin(state)
         reused = {b for b in batches if folder.exists(workflow.done_file(b))}
         progress.start(len(batches), len(reused))

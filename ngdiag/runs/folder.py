@@ -101,24 +101,14 @@ def _content(out: Path) -> list:
     return [c for c in out.iterdir() if c.name not in _BOOKKEEPING]
 
 
-def _comparable(value):
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _check_content(out: Path, *, kind: str, overwrite: bool, config: Optional[dict], shard, what: str) -> None:
+def _check_content(out: Path, *, kind: str, overwrite: bool, what: str) -> None:
     """An existing folder may hold nothing, an unfinished ``kind`` run, or (``overwrite``) ngdiag's output."""
     if not _content(out):
         return
     state = read_state(out)
     owned = (out / MANIFEST_FILE).is_file() and not (out / MANIFEST_FILE).is_symlink()
     if state is not None and state["kind"] == kind and not state["complete"]:
-        if overwrite or config is None:
-            return
-        same = _comparable(state["config"]) == _comparable(config) and (shard is None or list(state["shard"]) == list(shard))
-        if same or not RunFolder.holds_results(out):
-            return  # resumable, or nothing to lose: restarted by RunFolder.begin
-        raise ConfigError(f"{what} {out} holds an unfinished {kind} run with other arguments; "
-                          "rerun that command to resume it, pass --overwrite to start over, or choose another output folder")
+        return  # resumed, restarted or refused by RunFolder.begin, which compares the run's fingerprint
     if not owned:
         raise ConfigError(f"{what} {out} already exists and holds files ngdiag did not write; choose another output "
                           "folder (--overwrite only replaces ngdiag's own output)")
@@ -127,8 +117,7 @@ def _check_content(out: Path, *, kind: str, overwrite: bool, config: Optional[di
         raise ConfigError(f"{what} {out} already exists and holds {held}; pass --overwrite to replace it or choose another output folder")
 
 
-def check_output_folder(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False, config: Optional[dict] = None,
-                        shard=None, what: str = "output folder") -> Path:
+def check_output_folder(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False, what: str = "output folder") -> Path:
     """Check an output folder without writing anything (see the module docstring); returns it.
 
     Args:
@@ -136,12 +125,10 @@ def check_output_folder(out, *, kind: str, inputs: Inputs = (), overwrite: bool 
         kind: the run kind (``"audit"``, ``"sensitivity"``); an unfinished run of that kind may be resumed.
         inputs: ``(label, path)`` of the run's inputs; the folder must not be, contain or lie inside one.
         overwrite: whether ngdiag's own output in the folder may be replaced.
-        config, shard: the run's arguments: an unfinished run with other arguments and results is
-            refused without ``overwrite`` (``None``: decided later, by :meth:`RunFolder.begin`).
     """
     out = Path(out)
     _check_path(out, list(inputs), what, folder=True)
-    _check_content(out, kind=kind, overwrite=overwrite, config=config, shard=shard, what=what)
+    _check_content(out, kind=kind, overwrite=overwrite, what=what)
     return out
 
 
@@ -161,8 +148,7 @@ def check_output_file(path, *, inputs: Inputs = (), overwrite: bool = False, own
     return path
 
 
-def open_output(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False, config: Optional[dict] = None,
-                shard=None, what: str = "output folder") -> "RunFolder":
+def open_output(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False, what: str = "output folder") -> "RunFolder":
     """Check ``out`` (:func:`check_output_folder`), create it and lock it: the one entry point of a run's folder.
 
     Returns the locked :class:`RunFolder`; close it (or use it as a context manager) when the run ends.
@@ -170,10 +156,10 @@ def open_output(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False,
     another process holds it (naming that process).
     """
     inputs = list(inputs)
-    out = check_output_folder(out, kind=kind, inputs=inputs, overwrite=overwrite, config=config, shard=shard, what=what)
+    out = check_output_folder(out, kind=kind, inputs=inputs, overwrite=overwrite, what=what)
     folder = RunFolder._locked(out, kind=kind, overwrite=overwrite, what=what)
     try:  # again under the lock: another process may have written in between
-        _check_content(out, kind=kind, overwrite=overwrite, config=config, shard=shard, what=what)
+        _check_content(out, kind=kind, overwrite=overwrite, what=what)
     except BaseException:
         folder.close()
         raise
@@ -192,7 +178,7 @@ def lock_output(out, *, inputs: Inputs = (), what: str = "output folder") -> "Ru
 
 
 @contextlib.contextmanager
-def use_output(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False, config: Optional[dict] = None, shard=None):
+def use_output(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False):
     """The run folder of a library call: ``out`` is a path (opened here with :func:`open_output` and
     closed at the end) or a :class:`RunFolder` the caller opened (checked against ``inputs``, left open)."""
     inputs = list(inputs)
@@ -200,14 +186,14 @@ def use_output(out, *, kind: str, inputs: Inputs = (), overwrite: bool = False, 
         check_not_input(out.path, inputs, what=out.what)
         yield out
         return
-    with open_output(out, kind=kind, inputs=inputs, overwrite=overwrite, config=config, shard=shard) as folder:
+    with open_output(out, kind=kind, inputs=inputs, overwrite=overwrite) as folder:
         yield folder
 
 
 # ----------------------------------------------------------------------------- the lock
 def _command_line() -> str:
     argv = list(sys.argv)
-    if argv and (argv[0].endswith(os.path.join("ngdiag", "cli.py")) or os.path.basename(argv[0]) == "ngdiag"):
+    if argv and (argv[0].endswith(os.path.join("ngdiag", "cli", "__main__.py")) or os.path.basename(argv[0]) == "ngdiag"):
         argv[0] = "ngdiag"
     text = shlex.join(argv) if argv else "python"
     return text if len(text) <= 300 else text[:297] + "..."

@@ -49,7 +49,7 @@ def output_folders(out: Path, launched, *, kind: str, inputs: Inputs, overwrite:
             if shard[0] == 0:
                 merge_target = stack.enter_context(open_output(out, kind=kind, inputs=inputs, overwrite=overwrite))
             run_out = launched_shard_dir(out, shard)
-        folder = stack.enter_context(open_output(run_out, kind=kind, inputs=inputs, overwrite=overwrite, shard=list(shard)))
+        folder = stack.enter_context(open_output(run_out, kind=kind, inputs=inputs, overwrite=overwrite))
         yield folder, merge_target
 
 
