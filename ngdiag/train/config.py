@@ -254,24 +254,6 @@ class TrainConfig:
         """The :class:`~ngdiag.train.methods.base.Method` of ``method``, with its section and ``normguard.lam``."""
         return METHOD_CLASSES[self.method](getattr(self, self.method), self.normguard.lam)
 
-    @property
-    def needs_reference(self) -> bool:
-        """Whether a loss term needs ``v_ref`` (NormGuard, a KL to the reference, DPO)."""
-        return self.make_method().needs_reference
-
-    @property
-    def needs_old_policy(self) -> bool:
-        return METHOD_CLASSES[self.method].uses_old_policy
-
-    @property
-    def old_decay(self) -> float:
-        return self.make_method().old_decay
-
-    @property
-    def training_units(self) -> int:
-        """Units per iteration: rollouts, or winner / loser pairs for DPO."""
-        return self.make_method().units_per_iteration(self.rollouts)
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
         """Check every value; raises :class:`ConfigError` with a one-line message. Returns ``self``."""

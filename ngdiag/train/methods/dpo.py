@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ngdiag.train.config import RolloutConfig
     from ngdiag.train.rollouts import Rollouts
 
-__all__ = ["DPOConfig", "DPO", "repeat_cond"]
+__all__ = ["DPOConfig", "DPO"]
 
 
 @dataclass
@@ -35,17 +35,6 @@ class DPOConfig:
     def validate(self) -> None:
         check_positive("dpo.beta", self.beta)
         check_at_least("dpo.pairs_per_group", self.pairs_per_group, 1)
-
-
-def repeat_cond(cond: dict, times: int, shared_keys=()) -> dict:
-    """Conditioning of a batch repeated ``times`` (per-sample tensors concatenated, shared ones kept)."""
-    out = {}
-    for key, value in cond.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in shared_keys:
-            out[key] = torch.cat([value] * times)
-        else:
-            out[key] = value
-    return out
 
 
 class DPO(Method):
@@ -83,7 +72,7 @@ class DPO(Method):
         x0 = torch.cat([x0_all[[w for w, _ in batch.units]], x0_all[[l for _, l in batch.units]]])
         eps_one = batch.noise()
         points = Points.at(x0, torch.cat([eps_one, eps_one]), batch.t)
-        return points, repeat_cond(batch.cond.cond, 2, batch.cond.shared_keys)
+        return points, batch.cond.repeat(2).cond
 
     def base_loss(self, batch: MicroBatch, points: Points, v: Velocities) -> LossTerms:
         b = len(batch.units)
