@@ -1,4 +1,5 @@
-"""Regenerate the example reports in this folder with the README's commands, on the tiny models.
+"""Regenerate the example reports in this folder with the README's commands: ``ngdiag demo`` on the
+shipped miniature world (``demo/``), and the tiny random models.
 
     OMP_NUM_THREADS=1 python reports/make_reports.py
 
@@ -22,7 +23,10 @@ ROOT = HERE.parent
 CLI = [sys.executable, "-m", "ngdiag.cli"]
 
 # (command, working-directory-relative output -> file in reports/)
+DEMO_PAGES = ["index.html", "1-inflation.html", "2-renorm.html", "3-sensitivity.html", "4-normguard.html",
+              "5-few-steps.html", "6-checkpoints.html", "demo.json"]
 COMMANDS = [
+    (CLI + ["demo", "--out", "world-demo"], {f"world-demo/{page}": f"demo/{page}" for page in DEMO_PAGES}),
     ([sys.executable, "-m", "ngdiag.demo", "--out", "demo-out"],
      {"demo-out/audit/report.html": "demo-audit.html", "demo-out/audit/summary.json": "demo-audit-summary.json"}),
     ([sys.executable, "-c", "from ngdiag.testing import save_tiny_pipeline; save_tiny_pipeline('tiny-sd3', 'sd3')"], {}),
@@ -58,6 +62,7 @@ def main() -> int:
                 text = neutral((work / produced).read_text(encoding="utf-8"), work)
                 if tmp in text or os.path.realpath(tmp) in text:
                     raise SystemExit(f"error: {kept} still names the temporary folder {tmp}")
+                (HERE / kept).parent.mkdir(parents=True, exist_ok=True)
                 (HERE / kept).write_text(text, encoding="utf-8")
                 print(f"wrote reports/{kept}", file=sys.stderr)
     return 0

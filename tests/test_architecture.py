@@ -14,6 +14,9 @@ LAYERS = {
     "ngdiag.core": 0,
     "ngdiag.models": 1,
     "ngdiag.testing": 1,
+    "ngdiag.world.scene": 1,
+    "ngdiag.world.judge": 1,
+    "ngdiag.quality": 2,
     "ngdiag.probes": 2,
     "ngdiag.stats": 2,
     "ngdiag.rewards": 2,
@@ -22,6 +25,7 @@ LAYERS = {
     "ngdiag.runs": 3,
     "ngdiag.workflows": 4,
     "ngdiag.train": 4,
+    "ngdiag.world": 4,
     "ngdiag.cli": 5,
     "ngdiag.demo": 5,
 }

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORTS = sorted(p for p in (ROOT / "reports").iterdir() if p.suffix in (".html", ".json", ".md"))
+REPORTS = sorted(p for p in (ROOT / "reports").rglob("*") if p.suffix in (".html", ".json", ".md"))
 EXAMPLE = ROOT / "examples" / "train_nft_tiny.yaml"
 # Folders that exist only on the machine that wrote a file: temporary folders, home folders, this
 # project's machines' work folders, and their macOS and Windows spellings.

@@ -404,5 +404,5 @@ def test_spec_errors(tmp_path):
     checkpoint.write_bytes(b"")
     with pytest.raises(ConfigError, match="arch=ViT-B-32"):
         load_reward(f"clip:{checkpoint}")
-    assert set(REWARD_KINDS) == {"brightness", "clip", "contrast", "hpsv2", "pickscore", "saturation"}
+    assert set(REWARD_KINDS) == {"brightness", "clip", "contrast", "hpsv2", "pickscore", "saturation", "world"}
     assert load_reward("  Saturation ").name == "saturation"

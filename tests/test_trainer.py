@@ -304,8 +304,11 @@ def test_a_run_folder_written_by_ngdiag_0_1_0_resumes_and_matches_an_uninterrupt
     assert [r["iteration"] for r in resumed.metrics] == [0, 1]
     assert (old / "metrics.jsonl").read_text().splitlines()[0] == first_line
 
-    # and gives the parameters of an uninterrupted run (measured: identical to the bit on the machine that
-    # wrote the fixture; the tolerance allows the float kernels of another CPU)
+    # and gives the parameters of an uninterrupted run. Measured: identical to the bit on the (Intel) machine
+    # that wrote the fixture; on an AMD EPYC machine the uninterrupted run's own checkpoint-1 differs from the
+    # fixture's by up to 1.8e-4 (parameters up to 0.28: Adam's normalised steps amplify the last-bit
+    # differences of another CPU's float kernels), and checkpoint-2 inherits that. A resume that lost the
+    # optimizer state or the RNG differs by the size of an update (lr 0.05 here), so 1e-3 still tells them apart.
     clean = _run({**data, "output_dir": str(tmp_path / "clean")})
     for n, ours in ((1, OLD_RUN / "checkpoint-1"), (2, old / "checkpoint-2")):
         for name in ("adapter_model.safetensors", "trainer_state.safetensors"):
@@ -313,7 +316,7 @@ def test_a_run_folder_written_by_ngdiag_0_1_0_resumes_and_matches_an_uninterrupt
             assert a.keys() == b.keys()
             for key in a:
                 if not key.startswith("rng."):
-                    torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"checkpoint-{n}/{name}:{key}")
+                    torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3, msg=f"checkpoint-{n}/{name}:{key}")
 
 
 def test_resume_refuses_a_different_config_but_allows_more_iterations(base, tmp_path):

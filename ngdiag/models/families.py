@@ -282,14 +282,16 @@ class FamilyAdapter:
     def output_latents(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return x
 
-    def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Images in ``[0, 1]``, shape ``(B, 3, H, W)``, differentiable up to the final clamp."""
+    def decode(self, x: torch.Tensor, height: int, width: int, *, clamp: bool = True) -> torch.Tensor:
+        """Images in ``[0, 1]``, shape ``(B, 3, H, W)``, differentiable up to the final clamp;
+        ``clamp=False`` returns ``decoded / 2 + 0.5`` before the clamp (values may leave [0, 1])."""
         raise NotImplementedError
 
-    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _vae_decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         vae = self.pipe.vae
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        image = image / 2 + 0.5
+        return image.clamp(0, 1) if clamp else image
 
 
 class SD3Adapter(FamilyAdapter):
@@ -341,10 +343,10 @@ class SD3Adapter(FamilyAdapter):
         )
         return x, {}
 
-    def decode(self, x, height, width):
+    def decode(self, x, height, width, *, clamp=True):
         vae = self.pipe.vae
         latents = (x / vae.config.scaling_factor) + vae.config.shift_factor
-        return self._vae_decode(latents)
+        return self._vae_decode(latents, clamp)
 
 
 class FluxAdapter(FamilyAdapter):
@@ -385,12 +387,12 @@ class FluxAdapter(FamilyAdapter):
         )
         return x, {"img_ids": ids}
 
-    def decode(self, x, height, width):
+    def decode(self, x, height, width, *, clamp=True):
         pipe = self.pipe
         vae = pipe.vae
         latents = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        return self._vae_decode(latents)
+        return self._vae_decode(latents, clamp)
 
 
 class Flux2KleinAdapter(FamilyAdapter):
@@ -461,8 +463,8 @@ class Flux2KleinAdapter(FamilyAdapter):
         latents = latents * bn_std + bn_mean
         return pipe._unpatchify_latents(latents)
 
-    def decode(self, x, height, width):
-        return self._vae_decode(self.output_latents(x, height, width))
+    def decode(self, x, height, width, *, clamp=True):
+        return self._vae_decode(self.output_latents(x, height, width), clamp)
 
 
 class QwenImageAdapter(FamilyAdapter):
@@ -507,14 +509,14 @@ class QwenImageAdapter(FamilyAdapter):
         img_shapes = [[(1, height // vsf // 2, width // vsf // 2)]] * batch_size
         return x, {"img_shapes": img_shapes}
 
-    def decode(self, x, height, width):
+    def decode(self, x, height, width, *, clamp=True):
         pipe = self.pipe
         vae = pipe.vae
         latents = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor).to(vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0] / 2 + 0.5
+        return image.clamp(0, 1) if clamp else image
 
 
 #: The one registry of supported families: loading, the CLI, the demo and ``ngdiag.testing`` read it.

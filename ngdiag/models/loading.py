@@ -266,6 +266,14 @@ def _pipeline_class(folder: Path):
     return getattr(diffusers, _read_json(folder / "model_index.json").get("_class_name", ""), None)
 
 
+def _absent_components(folder: Path) -> dict:
+    """Components that ``model_index.json`` records as ``[null, null]``: a pipeline saved without them
+    (SD3 built with ``text_encoder_3=None``, as diffusers' docs suggest to drop T5). diffusers only
+    loads such a folder when each one is passed as ``None``, which is what this returns."""
+    index = _read_json(folder / "model_index.json")
+    return {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]}
+
+
 def load_pipeline(path, *, device="cpu", dtype=torch.float32, allow_pickle=False):
     """Load a local diffusers flow-matching pipeline folder (offline, safetensors by default)."""
     from diffusers import DiffusionPipeline
@@ -276,7 +284,8 @@ def load_pipeline(path, *, device="cpu", dtype=torch.float32, allow_pickle=False
     try:
         with _quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                folder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=True
+                folder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=True,
+                **_absent_components(folder),
             )
     except CheckpointError:
         raise

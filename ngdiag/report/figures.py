@@ -507,3 +507,24 @@ def training_curves(metrics_a: pd.DataFrame, metrics_b: pd.DataFrame,
     if len(labels) != 2:
         raise ConfigError(f"training_curves needs two labels, got {len(labels)}")
     return run_curves([metrics_a, metrics_b], list(labels))
+
+
+def inflation_by_iteration(frame: pd.DataFrame, *, run_column: str = "run") -> Figure:
+    """Inflation (with ``ci_low`` / ``ci_high``) against ``iteration``, one line per run (paper Table 5)."""
+    _require(frame, (run_column, "iteration", "inflation", "ci_low", "ci_high"), "inflation by iteration")
+    with _style():
+        fig = Figure(figsize=_WIDE, layout="constrained")
+        ax = fig.add_subplot()
+        for i, (run, sub) in enumerate(frame.groupby(run_column, sort=False)):
+            sub = sub.sort_values("iteration")
+            color = RUN_COLORS[i % len(RUN_COLORS)]
+            x = sub["iteration"].to_numpy(float)
+            ax.fill_between(x, 100 * sub["ci_low"].to_numpy(float), 100 * sub["ci_high"].to_numpy(float), color=color,
+                            alpha=0.15, linewidth=0)
+            ax.plot(x, 100 * sub["inflation"].to_numpy(float), color=color, marker="o", markersize=4, label=str(run))
+        ax.axhline(0.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="no inflation")
+        ax.set_xlabel("training iteration (checkpoint)")
+        ax.set_ylabel("inflation (%)")
+        ax.set_title("Norm inflation across training")
+        ax.legend(loc="best", frameon=False)
+    return fig

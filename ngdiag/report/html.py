@@ -43,6 +43,9 @@ __all__ = [
     "render_audit_report",
     "render_sensitivity_report",
     "render_compare_report",
+    "render_demo_page",
+    "table_of",
+    "figure_block",
     "write_html",
     "TEMPLATES_DIR",
 ]
@@ -553,6 +556,29 @@ def render_compare_report(context: Mapping) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+def render_demo_page(title: str, sections: Sequence[Mapping], *, kicker: str = "ngdiag demo", lead: str = "",
+                     versions: Optional[Mapping] = None) -> str:
+    """A self-contained page of ``sections``: each a mapping with ``id``, ``title`` and optional ``verdict``
+    (one line), ``paragraphs`` (text), ``links`` (``href``, ``text``, ``note``), ``tables`` (as
+    :func:`table_of` builds them, with an optional ``caption``) and ``figures`` (``src``, ``alt``,
+    ``caption``)."""
+    full = [{"verdict": None, "paragraphs": [], "links": [], "tables": [], "figures": [], **s} for s in sections]
+    return _render("demo.html.j2", title=title, kicker=kicker, lead=lead, sections=full,
+                   versions=sorted((versions or {}).items()))
+
+
+def table_of(frame: pd.DataFrame, columns: Optional[Sequence[tuple]] = None, caption: str = "") -> dict:
+    """A table for :func:`render_demo_page` from ``frame`` (``columns``: ``(column, header)``, default all)."""
+    table = _table(frame, columns or [(c, c) for c in frame.columns])
+    table["caption"] = caption
+    return table
+
+
+def figure_block(fig, *, alt: str, caption: str = "") -> dict:
+    """A figure for :func:`render_demo_page` (the matplotlib figure is encoded and released)."""
+    return {"src": figure_to_data_uri(fig), "alt": alt, "caption": caption}
+
+
 def write_html(html: str, path) -> Path:
     """Write ``html`` to ``path`` atomically (:func:`ngdiag.core.io.atomic_write_text`: a temporary file
     in the same folder, flushed to disk, then renamed over ``path``). A failure at any point leaves an

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "PickScoreReward",
     "Reward",
     "SaturationReward",
+    "WorldReward",
     "load_reward",
     "luma",
 ]
@@ -468,6 +470,67 @@ class HPSv2Reward(_OpenClipReward):
 
 
 # --------------------------------------------------------------------------------------------
+# The miniature world's reward.
+
+
+def colourfulness(images: torch.Tensor) -> torch.Tensor:
+    """Hasler-Süsstrunk colourfulness ``sqrt(s_rg^2 + s_yb^2) + 0.3 sqrt(m_rg^2 + m_yb^2)`` of ``(B, 3, H, W)``
+    images in [0, 1] (``rg = R - G``, ``yb = (R + G) / 2 - B``; means and population standard deviations
+    over the pixels): ``(B,)``, 0 for a gray image, about 0.1-0.4 for natural ones on this scale."""
+    r, g, b = images.unbind(dim=1)
+    rg, yb = (r - g).flatten(1), (0.5 * (r + g) - b).flatten(1)
+    spread = (rg.var(dim=1, correction=0) + yb.var(dim=1, correction=0) + 1e-12).sqrt()
+    mean = (rg.mean(dim=1).pow(2) + yb.mean(dim=1).pow(2) + 1e-12).sqrt()
+    return spread + 0.3 * mean
+
+
+class WorldReward(BaseReward):
+    """The miniature world's reward: prompt alignment judged by the world's classifier plus vividness.
+
+    ``R = (log p(shape | x) + log p(colour | x)) / 2 + vivid * (colourfulness(x) + contrast(x))``, with the
+    shape and colour the prompt names (``ngdiag.world.scene.parse_caption``), ``p`` the judge's softmax and
+    ``contrast`` the RMS contrast of luma. Like PickScore or HPSv2 it rewards following the prompt and,
+    beyond that, a preference (vivid colour and contrast) that a policy can over-optimise. Images are clamped to [0, 1] inside (with a straight-through gradient)
+    so that out-of-range pixels are judged as they would be shown.
+    """
+
+    name = "world"
+    requires_prompts = True
+
+    def __init__(self, judge: torch.nn.Module, vivid: float = 1.0) -> None:
+        super().__init__()
+        self.judge = _freeze(judge)
+        self.vivid = float(vivid)
+
+    @classmethod
+    def from_folder(cls, path: PathLike, *, vivid: float | None = None, device: Device = None,
+                    dtype: torch.dtype | None = None) -> WorldReward:
+        """From a judge folder, or a world folder holding ``judge/``; ``vivid`` defaults to 1."""
+        from ngdiag.world.judge import load_judge
+
+        folder = existing_path(path)
+        if (folder / "judge").is_dir():
+            folder = folder / "judge"
+        reward = cls(load_judge(folder), vivid=1.0 if vivid is None else vivid)
+        return reward.to(device=device, dtype=dtype or torch.float32)
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        from ngdiag.world.scene import parse_caption
+
+        labels = [parse_caption(p) for p in prompts or []]
+        dtype = next(self.judge.parameters()).dtype
+        shown = images + (images.clamp(0, 1) - images).detach()
+        logits = self.judge(shown.to(dtype))
+        rows = torch.arange(len(labels), device=images.device)
+        align = 0.0
+        for factor in ("shape", "colour"):
+            target = torch.tensor([lab[factor] for lab in labels], device=images.device)
+            align = align + logits[factor].log_softmax(dim=1)[rows, target] / 2
+        vividness = colourfulness(shown) + luma(shown).flatten(1).std(dim=1, correction=0)
+        return align.float() + self.vivid * vividness.float()
+
+
+# --------------------------------------------------------------------------------------------
 # Spec strings (the grammar and the registry of kinds live in ngdiag.rewards.specs).
 
 _BUILTINS: dict[str, type[BaseReward]] = {
@@ -490,6 +553,7 @@ def load_reward(
         ``hpsv2:FILE[,arch=ViT-H-14]``: :meth:`HPSv2Reward.from_checkpoint` (needs open_clip_torch).
         ``clip:DIR[,processor=DIR]``: :meth:`ClipScoreReward.from_pretrained` on a transformers folder;
         ``clip:FILE,arch=ARCH``: :meth:`OpenClipScoreReward.from_checkpoint` (needs open_clip_torch).
+        ``world:DIR[,vivid=W]``: :class:`WorldReward`, the miniature world's judge (``ngdiag.world``).
 
     ``device`` and ``dtype`` (default float32) apply to reward models; everything loads from
     local paths. Raises :class:`ConfigError` for an unknown kind or option, or a missing path,
@@ -506,6 +570,16 @@ def load_reward(
         return PickScoreReward.from_pretrained(
             path, processor_path=options.get("processor"), device=device, dtype=dtype
         )
+    if kind == "world":
+        vivid = options.get("vivid")
+        if vivid is not None:
+            try:
+                vivid = float(vivid)
+            except ValueError:
+                raise ConfigError(f"vivid= takes a number, got {vivid!r}.") from None
+            if not math.isfinite(vivid) or vivid < 0:
+                raise ConfigError(f"vivid= takes a finite number >= 0, got {vivid}.")
+        return WorldReward.from_folder(path, vivid=vivid, device=device, dtype=dtype)
     if kind == "hpsv2":
         return HPSv2Reward.from_checkpoint(path, clip_arch=options.get("arch", "ViT-H-14"), device=device, dtype=dtype)
     # kind == "clip"

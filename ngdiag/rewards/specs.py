@@ -33,6 +33,7 @@ REWARD_SPECS: dict[str, RewardKind] = {
     "pickscore": RewardKind("pickscore:DIR[,processor=DIR]", True, ("processor",)),
     "clip": RewardKind("clip:DIR[,processor=DIR] or clip:FILE,arch=ARCH", True, ("processor", "arch")),
     "hpsv2": RewardKind("hpsv2:FILE[,arch=ARCH]", True, ("arch",)),
+    "world": RewardKind("world:DIR[,vivid=W]", True, ("vivid",)),
 }
 
 #: The reward kinds, sorted.

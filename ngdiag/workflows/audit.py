@@ -37,6 +37,7 @@ from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import RENORM_TARGETS, rl_renorm_intervention
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
 from ngdiag.core.sampling import sample
+from ngdiag.quality import MEASURES, quality_table
 from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
 
 __all__ = ["AuditConfig", "AuditResult", "AuditWorkflow", "run_audit", "merge_audits", "parse_shard", "SCHEMA_VERSION"]
@@ -102,6 +103,9 @@ class AuditResult:
         rewards: per-sample rewards by model (``base``, ``rl``, ``rl+renorm``) or ``None``.
         renorm: renormalization comparison (final-latent distances) or ``None``.
         images: decoded images for the grid by model name, arrays ``(G, 3, H, W)`` in [0, 1].
+        quality: per-sample image-quality measures (:mod:`ngdiag.quality`) of every decoded model
+            (``sample``, ``model`` and one column per measure; clipping counted before the final clamp),
+            when all images are decoded (a reward is given), else ``None``.
         config: the audit config; checkpoint: what was audited.
     """
 
@@ -114,6 +118,7 @@ class AuditResult:
     rewards: Optional[pd.DataFrame] = None
     renorm: Optional[dict] = None
     images: dict = field(default_factory=dict)
+    quality: Optional[pd.DataFrame] = None
 
     @property
     def verdict(self) -> str:
@@ -156,6 +161,8 @@ class AuditResult:
             out["renorm"] = self.renorm
         if self.rewards is not None:
             out["reward"] = reward_block(self.rewards, self.config.reward)
+        if self.quality is not None:
+            out["quality"] = quality_block(self.quality)
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
@@ -177,6 +184,8 @@ class AuditResult:
                                        prompts=self.config.prompts)
         out_dir.write("steps.csv", lambda p: self.per_step.to_csv(p, index=False))
         out_dir.write("records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
+        if self.quality is not None:
+            out_dir.write("quality.csv", lambda p: self.quality.to_csv(p, index=False))
         if html is not None:
             out_dir.write_text("report.html", html)
         out_dir.write_text("summary.json", json.dumps(summary, indent=2))
@@ -208,6 +217,27 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
     return block
 
 
+def quality_block(quality: pd.DataFrame) -> dict:
+    """Mean and spread of every quality measure per model, and the paired differences (same prompt and
+    seed) of ``rl`` and ``rl+renorm`` against ``base`` with their standard deviation."""
+    block: dict = {"measures": list(MEASURES), "models": {}}
+    models = [m for m in ("base", "rl", "rl+renorm") if m in set(quality["model"])]
+    for model in models:
+        sub = quality[quality["model"] == model]
+        block["models"][model] = {
+            k: {"mean": float(sub[k].mean()), "std": float(sub[k].std(ddof=1)) if len(sub) > 1 else 0.0} for k in MEASURES
+        }
+    if "base" in models:
+        for model in models[1:]:
+            diffs = {}
+            for k in MEASURES:
+                wide = quality.pivot_table(index="sample", columns="model", values=k, aggfunc="first")
+                d = (wide[model] - wide["base"]).to_numpy(dtype=float)
+                diffs[k] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0}
+            block[f"delta_{model.replace('+', '_')}_minus_base"] = diffs
+    return block
+
+
 # ----------------------------------------------------------------------------- the run
 class _BatchRunner:
     """Runs one batch: the paired trajectory, plus base / renorm trajectories and rewards when asked."""
@@ -236,7 +266,7 @@ class _BatchRunner:
         recorder = PairRecorder(ids)
         main = sample(PairedVelocity(theta_g, ref_g, trajectory=cfg.trajectory, fused=fused), batch.x_init, batch.sigmas,
                       callback=recorder)
-        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": []}
+        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": []}
         needs_extra = cfg.renorm or cfg.reward is not None
         grid = [j for j, i in enumerate(ids) if i < cfg.grid_size]
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
@@ -263,10 +293,13 @@ class _BatchRunner:
                 continue
             decoded_ids = ids if decode_all else [ids[j] for j in grid]
             with torch.no_grad():
-                images = self.ckpt.adapter.decode(x if decode_all else x[grid], h, w).float().cpu()
-            check_finite(images, f"the decoded {name} images are not finite (NaN or inf)", sample_ids=decoded_ids,
+                raw = self.ckpt.adapter.decode(x if decode_all else x[grid], h, w, clamp=False).float().cpu()
+            check_finite(raw, f"the decoded {name} images are not finite (NaN or inf)", sample_ids=decoded_ids,
                          hint="(the latents are finite: check the VAE)")
+            images = raw.clamp(0, 1)
             if decode_all:
+                table = quality_table(raw)
+                out["quality"] += [{"sample": i, "model": name, **row} for i, row in zip(ids, table.to_dict("records"))]
                 with torch.no_grad():
                     scores = self.reward(images.to(self.ckpt.adapter.device), prompts).float().cpu()
                 check_finite(scores, f"the reward of the {name} images are not finite (NaN or inf)", sample_ids=ids,
@@ -328,7 +361,9 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
             renorm[f"{key}_relative_distance_to_base_mean"] = float(sub["relative_distance_to_base"].mean())
             renorm[f"{key}_relative_distance_to_base_std"] = float(sub["relative_distance_to_base"].std(ddof=1)) if len(sub) > 1 else 0.0
     images = _grid_images(parts["images"], config.grid_size)
-    return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images)
+    quality = (pd.DataFrame(parts["quality"]).sort_values(["model", "sample"], kind="stable", ignore_index=True)
+               if parts.get("quality") else None)
+    return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality)
 
 
 class AuditWorkflow(Workflow):
@@ -346,14 +381,15 @@ class AuditWorkflow(Workflow):
         if part["images"]:
             arrays = {k.replace("+", "_plus_"): v for k, v in part["images"].items()}
             folder.write(names["images"], lambda p: _savez(p, ids=np.asarray(part["grid_ids"]), **arrays))
-        folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"]}))
+        folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"],
+                                                       "quality": part["quality"]}))
         folder.write(names["records"], lambda p: part["record"].to_frame().to_parquet(p, index=False))
 
     def read_part(self, path: Path, b: int) -> dict:
         names = {k: path / v for k, v in self.part_paths(b).items()}
         extras = json.loads(names["extras"].read_text(encoding="utf-8"))
         part = {"record": NormRecord.from_frame(pd.read_parquet(names["records"])), "rewards": extras["rewards"],
-                "distances": extras["distances"], "images": {}, "grid_ids": []}
+                "distances": extras["distances"], "quality": extras.get("quality", []), "images": {}, "grid_ids": []}
         if names["images"].is_file():
             with np.load(names["images"]) as data:
                 part["grid_ids"] = data["ids"]
@@ -363,6 +399,7 @@ class AuditWorkflow(Workflow):
     def finalize(self, parts: list) -> AuditResult:
         joined = {"records": [p["record"] for p in parts], "rewards": [r for p in parts for r in p["rewards"]],
                   "distances": [d for p in parts for d in p["distances"]],
+                  "quality": [q for p in parts for q in p.get("quality", [])],
                   "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]]}
         return _finalize(joined, self.config, self.checkpoint)
 
