@@ -198,12 +198,14 @@ def _page_inflation(audits: dict) -> dict:
 
     plain, reg = audits["nft-plain"], audits["nft-normguard"]
     curves = {RUN_LABELS[k]: a.per_step for k, a in audits.items()}
-    steps = plain.per_step[plain.per_step["call"] == "guided"]["mean_ratio"].to_numpy(float)
+    def guided_ratios(audit) -> np.ndarray:
+        return audit.per_step[audit.per_step["call"] == "guided"]["mean_ratio"].to_numpy(float)
+
+    steps = guided_ratios(plain)
     spread = float(steps.max() - steps.min())
     table = pd.DataFrame([
         {"run": RUN_LABELS[k], "inflation [95 % CI]": _interval(a.inflation), "verdict": a.verdict,
-         "per-step ratio, min..max": "{:.3f} .. {:.3f}".format(
-             *(lambda s: (s.min(), s.max()))(a.per_step[a.per_step["call"] == "guided"]["mean_ratio"].to_numpy(float)))}
+         "per-step ratio, min..max": f"{guided_ratios(a).min():.3f} .. {guided_ratios(a).max():.3f}"}
         for k, a in audits.items()
     ])
     value = plain.inflation.value
