@@ -35,10 +35,22 @@ def test_manifest_matches_the_shipped_files():
     assert manifest["bytes"] < 12 * 2**20
 
 
-def test_install_points_the_runs_at_the_copy(world, tmp_path):
+def test_install_points_the_runs_at_the_copy(world, tmp_path, monkeypatch):
+    import yaml
+
     texts = [p.read_text() for p in world.rglob("*") if p.name in ("config.yaml", "run.json", "adapter_config.json")]
     assert texts and all(PLACEHOLDER not in t for t in texts)
     assert any(str(world.resolve() / "base") in t for t in texts)
+    # every path a run records is the copy's, whatever the working folder (no path of the machine that built it)
+    monkeypatch.chdir(tmp_path)
+    for run in ("nft-plain", "nft-normguard"):
+        config = yaml.safe_load((world / "runs" / run / "config.yaml").read_text())
+        assert Path(config["model"]["base"]) == world.resolve() / "base"
+        assert Path(config["output_dir"]) == world.resolve() / "runs" / run
+        assert config["reward"].startswith(f"world:{world.resolve() / 'judge'},")
+        from ngdiag.rewards.specs import parse_reward_spec
+
+        parse_reward_spec(config["reward"])
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         install_world(tmp_path)

@@ -426,7 +426,9 @@ RUN_THREADS = 1
 
 def run_config(base, judge, output_dir, *, lam: float, iterations: int = 60, checkpoint_every: int = 15,
                lr: float = 1e-3, vivid: float = 1.0, seed: int = 0) -> dict:
-    """The ``ngdiag train`` config (as a dict) of one world fine-tune."""
+    """The ``ngdiag train`` config (as a dict) of one world fine-tune; paths are made absolute (so that
+    :func:`ship` can replace the work folder in every one of them)."""
+    base, judge, output_dir = (Path(p).resolve() for p in (base, judge, output_dir))
     return {
         "model": {"base": str(base), "device": "cpu", "dtype": "float32"},
         "lora": {"rank": 8, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
