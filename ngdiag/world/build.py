@@ -228,7 +228,8 @@ def train_transformer(pipe, latents: torch.Tensor, captions: list[str], *, steps
     ``x_t = (1 - t) x_0 + t eps``, target ``eps - x_0``, ``t`` logit-normal(0, 1), timestep ``1000 t``.
     Trains from step 0 (or the step of ``state``) to step ``steps``, the learning rate following a cosine
     from ``lr`` to 0 after ``warmup`` linear steps. Returns the EMA transformer.
-    ``on_step(step, ema_transformer, state)`` is called after each step.
+    ``on_step(step, ema_transformer, get_state)`` is called after each step; ``get_state()`` returns the
+    state to resume from (model, EMA, optimizer, generator, step).
     """
     transformer = pipe.transformer.train()
     names = sorted(set(captions))
@@ -273,8 +274,9 @@ def train_transformer(pipe, latents: torch.Tensor, captions: list[str], *, steps
         if step % 100 == 0 or step == steps - 1:
             _say(progress, f"transformer step {step}: loss {loss.item():.4f}")
         if on_step is not None:
-            on_step(step + 1, averaged, {"model": transformer.state_dict(), "ema": averaged.state_dict(),
-                                         "opt": opt.state_dict(), "rng": g.get_state(), "step": step + 1})
+            on_step(step + 1, averaged, lambda step=step + 1: {
+                "model": transformer.state_dict(), "ema": averaged.state_dict(), "opt": opt.state_dict(),
+                "rng": g.get_state(), "step": step})
     return averaged
 
 
@@ -393,8 +395,8 @@ def build_base(work, *, transformer_steps: int = STAGE_STEPS["transformer"], thr
 
     def on_step(step, averaged, get_state):
         if step % 250 == 0 or step == transformer_steps:
-            torch.save(get_state, state_file)
-            log["seconds"]["transformer"] = round(log["seconds"].get("transformer_before", 0) + time.time() - t_start, 1)
+            torch.save(get_state(), state_file)
+            log["seconds"]["transformer"] = round(seconds_before + time.time() - t_start, 1)
             save_log()
         if step % eval_every == 0 or step == transformer_steps:
             live = pipe.transformer
@@ -406,7 +408,7 @@ def build_base(work, *, transformer_steps: int = STAGE_STEPS["transformer"], thr
             save_log()
             _say(progress, f"step {step}: recognisability {acc}")
 
-    log["seconds"]["transformer_before"] = log["seconds"].get("transformer", 0)
+    seconds_before = log["seconds"].get("transformer", 0)  # of the earlier runs of a resumed build
     averaged = train_transformer(pipe, latents, captions, steps=transformer_steps, state=state, on_step=on_step,
                                  progress=progress)
 
@@ -539,6 +541,13 @@ def regenerate(work, *, dest=None, threads: int = 2, progress: Progress = None, 
     carries times or paths, e.g. metrics)."""
     import tempfile
 
+    from ngdiag.core.errors import ConfigError
+
+    work = Path(work)
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"{work} is a file; world-build needs a folder to build in")
+    if work.is_dir() and any(work.iterdir()) and not (work / "build_log.json").is_file():
+        raise ConfigError(f"{work} is not empty and holds no earlier world build (build_log.json); choose another folder")
     t0 = time.time()
     log = build_base(work, threads=threads, progress=progress)
     torch.set_num_threads(RUN_THREADS)
