@@ -177,3 +177,29 @@ def test_audit_quality_is_measured_on_the_images_diffusers_makes(world, tmp_path
     base = result.quality[result.quality["model"] == "base"].sort_values("sample")
     for name, measure in MEASURES.items():
         assert base[name].to_numpy() == pytest.approx(measure(raw).numpy(), rel=1e-4, abs=1e-6), name
+
+
+def test_demo_replaces_only_what_a_demo_wrote(tmp_path):
+    """An earlier demo's folder that also holds the user's file is refused as a whole: nothing is deleted."""
+    (tmp_path / "demo.json").write_text("{}")
+    (tmp_path / "my-notes.txt").write_text("mine")
+    code, _, stderr = run_cli("demo", "--out", tmp_path, "--quick")
+    assert code == 2 and "my-notes.txt" in stderr and len(stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".ngdiag")) == ["demo.json", "my-notes.txt"]
+    assert (tmp_path / "my-notes.txt").read_text() == "mine"
+
+
+def test_a_second_demo_into_a_busy_folder_is_refused(tmp_path):
+    from ngdiag.runs import lock_output
+
+    with lock_output(tmp_path / "demo"):
+        code, _, stderr = run_cli("demo", "--out", tmp_path / "demo", "--quick")
+    assert code == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo" / "demo.json").exists()
+
+
+def test_world_build_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    code, _, stderr = run_cli("world-build", tmp_path)
+    assert code == 2 and "no earlier world build" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

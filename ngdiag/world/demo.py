@@ -22,6 +22,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -92,7 +93,7 @@ class _World:
             if not path.is_dir():
                 raise ConfigError(f"the world at {root} has no run {name}")
 
-    @property
+    @cached_property
     def reward(self) -> str:
         """The reward spec the fine-tunes were trained with (from the unregularised run's config.yaml)."""
         import yaml
@@ -154,7 +155,7 @@ def _interval(inflation) -> str:
     return f"{inflation.value:+.1%} [{inflation.ci_low:+.1%}, {inflation.ci_high:+.1%}]"
 
 
-def _model_rows(audits: dict, models: dict) -> pd.DataFrame:
+def _model_rows(models: dict) -> pd.DataFrame:
     """One row per (label -> (audit, model name)): reward and quality means with their spread."""
     rows = []
     for label, (audit, model) in models.items():
@@ -284,7 +285,7 @@ def _page_renorm(audits: dict) -> dict:
             "norm leaves the direction, and the artefacts, in place.",
         ],
         "tables": [
-            table_of(_model_rows(audits, {"base": (a, "base"), **models}), caption="Means over samples."),
+            table_of(_model_rows({"base": (a, "base"), **models}), caption="Means over samples."),
             table_of(_quality_deltas(a, models), caption="Paired differences against the base, mean [95 % CI]."),
         ],
         "figures": [figure_block(F.image_grid({"base": a.images["base"], "NFT": a.images["rl"],
@@ -330,7 +331,7 @@ def _page_normguard(audits: dict) -> dict:
 
     plain, reg = audits["nft-plain"], audits["nft-normguard"]
     models = {"NFT": (plain, "rl"), RUN_LABELS["nft-normguard"]: (reg, "rl")}
-    rows = _model_rows(audits, {"base": (plain, "base"), **models})
+    rows = _model_rows({"base": (plain, "base"), **models})
     rows.insert(1, "inflation", ["0 (reference)", _interval(plain.inflation), _interval(reg.inflation)])
     sat_plain = _paired(plain, "rl", plain, "base", "saturation").mean()
     sat_reg = _paired(reg, "rl", plain, "base", "saturation").mean()
@@ -417,37 +418,51 @@ def _page_checkpoints(by_ckpt: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the demo
-def _prepare_out(out: Path) -> None:
-    marker = out / "demo.json"
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out} is a file")
-        if any(out.iterdir()) and not marker.is_file():
-            raise ConfigError(f"--out {out} is not empty and holds no earlier ngdiag demo; choose another folder")
+#: What a demo writes into its folder (and all that a rerun deletes there).
+DEMO_ENTRIES = ("demo.json", "index.html", *(f"{stem}.html" for stem in ANALYSES), "world", "runs")
+
+
+def _clear_earlier_demo(out: Path) -> None:
+    """Delete an earlier demo's entries in ``out``; refuse a folder holding anything the demo did not write."""
+    import shutil
+
+    from ngdiag.runs import LOCK_FILE, MANIFEST_FILE
+
+    entries = {p.name for p in out.iterdir()} - {LOCK_FILE, MANIFEST_FILE}
+    if entries and "demo.json" not in entries:
+        raise ConfigError(f"--out {out} is not empty and holds no earlier ngdiag demo; choose another folder")
+    foreign = sorted(entries - set(DEMO_ENTRIES))
+    if foreign:
+        raise ConfigError(f"--out {out} holds files an ngdiag demo did not write ({', '.join(foreign[:3])}); "
+                          "move them or choose another folder")
+    for name in entries:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def run_demo(out, *, quick: bool = False, world=None, progress: Progress = None) -> dict:
     """Run the six analyses into folder ``out``; returns the findings (also written to ``out/demo.json``).
 
-    ``out`` must be empty, absent, or an earlier demo's folder (which is replaced). ``world``: a shipped
+    ``out`` must be empty, absent, or an earlier demo's folder holding nothing else (its entries are
+    replaced); it is locked for the whole run, so a second demo into it is refused. ``world``: a shipped
     world folder (default: the one in the package, ``ngdiag/world/assets``).
     """
-    import shutil
+    from ngdiag.runs import lock_output
 
-    from ngdiag.core.io import atomic_write_text
+    with lock_output(out, what="demo folder") as folder:
+        return _run_demo(folder, quick=quick, world=world, progress=progress)
+
+
+def _run_demo(folder, *, quick: bool, world, progress: Progress) -> dict:
     from ngdiag.report.html import render_demo_page
     from ngdiag.runs import versions
     from ngdiag.world.build import ASSETS, install_world
 
     settings = QUICK if quick else FULL
-    out = Path(out)
-    _prepare_out(out)
+    out = folder.path
+    _clear_earlier_demo(out)
     t0 = time.time()
-    if out.exists():
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo.json", json.dumps({"status": "running", "quick": quick}) + "\n")
+    folder.write_text("demo.json", json.dumps({"status": "running", "quick": quick}) + "\n")
     world = _World(install_world(out / "world", ASSETS if world is None else world))
     runs = out / "runs"
     timings = {}
@@ -493,7 +508,7 @@ def run_demo(out, *, quick: bool = False, world=None, progress: Progress = None)
     ver = versions()
     for stem, section in pages.items():
         section["links"] = [{"href": "index.html", "text": "all analyses"}] + list(section.get("links", []))
-        atomic_write_text(out / f"{stem}.html", render_demo_page(section["title"], [section], versions=ver))
+        folder.write_text(f"{stem}.html", render_demo_page(section["title"], [section], versions=ver))
     seconds = round(time.time() - t0, 1)
     index_sections = [{
         "id": "analyses", "title": "The analyses",
@@ -508,7 +523,7 @@ def run_demo(out, *, quick: bool = False, world=None, progress: Progress = None)
         ],
         "links": [{"href": f"{stem}.html", "text": ANALYSES[stem], "note": pages[stem]["verdict"]} for stem in pages],
     }]
-    atomic_write_text(out / "index.html", render_demo_page("ngdiag demo: the NormGuard findings on a miniature world",
+    folder.write_text("index.html", render_demo_page("ngdiag demo: the NormGuard findings on a miniature world",
                                                            index_sections, versions=ver))
     findings = {
         "status": "done", "quick": quick, "settings": asdict(settings), "seconds": seconds, "timings": timings,
@@ -518,5 +533,5 @@ def run_demo(out, *, quick: bool = False, world=None, progress: Progress = None)
         "sensitivity": {k: sens.summary()[k] for k in ("nsr_median", "nsr_min", "nsr_max")},
         "versions": ver,
     }
-    atomic_write_text(out / "demo.json", json.dumps(findings, indent=2, default=float) + "\n")
+    folder.write_text("demo.json", json.dumps(findings, indent=2, default=float) + "\n")
     return findings
