@@ -62,20 +62,26 @@ def colourfulness(images: torch.Tensor) -> torch.Tensor:
     return _colourfulness(_check(images).clamp(0, 1))
 
 
+def _luma_power(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(power, radius)``: the power spectrum of the clamped image's mean-free luma ``(N, H, W)`` (per
+    pixel, ``|FFT|^2 / (H W)``) and each frequency's radius in cycles per pixel ``(H, W)``."""
+    x = luma(_check(images).clamp(0, 1))
+    h, w = x.shape[-2:]
+    power = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs().pow(2) / (h * w)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(-1, 1)
+    fx = torch.fft.fftfreq(w, dtype=torch.float64).view(1, -1)
+    return power, (fx**2 + fy**2).sqrt()
+
+
 def radial_power_spectrum(images: torch.Tensor, bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(frequencies, power)``: luma power spectrum averaged over rings of radius ``f`` (cycles per
     pixel, 0 .. 0.5), ``power`` of shape ``(N, bins)``; the DC term is left out."""
-    x = luma(_check(images).clamp(0, 1))
-    h, w = x.shape[-2:]
-    bins = bins or min(h, w) // 2
-    spectrum = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs().pow(2) / (h * w)
-    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(-1, 1)
-    fx = torch.fft.fftfreq(w, dtype=torch.float64).view(1, -1)
-    radius = (fx**2 + fy**2).sqrt()
+    spectrum, radius = _luma_power(images)
+    bins = bins or min(radius.shape) // 2
     edges = torch.linspace(0, 0.5, bins + 1, dtype=torch.float64)
     ring = torch.bucketize(radius, edges[1:-1], right=True)
     keep = (radius > 0) & (radius <= 0.5)
-    power = torch.zeros(x.shape[0], bins, dtype=torch.float64)
+    power = torch.zeros(spectrum.shape[0], bins, dtype=torch.float64)
     count = torch.zeros(bins, dtype=torch.float64)
     power.index_add_(1, ring[keep], spectrum[:, keep])
     count.index_add_(0, ring[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
@@ -86,14 +92,10 @@ def radial_power_spectrum(images: torch.Tensor, bins: int | None = None) -> tupl
 def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     """Share of the luma's spectral power (DC excluded) at radial frequency above ``cutoff`` cycles per
     pixel (0.25 = half the Nyquist frequency)."""
-    x = luma(_check(images).clamp(0, 1))
-    h, w = x.shape[-2:]
-    spectrum = torch.fft.fft2(x - x.mean(dim=(-2, -1), keepdim=True)).abs().pow(2)
-    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(-1, 1)
-    fx = torch.fft.fftfreq(w, dtype=torch.float64).view(1, -1)
-    high = ((fx**2 + fy**2).sqrt() > cutoff).to(spectrum.dtype)
+    spectrum, radius = _luma_power(images)
     total = spectrum.sum(dim=(-2, -1))
-    return torch.where(total > 0, (spectrum * high).sum(dim=(-2, -1)) / total.clamp_min(1e-30), torch.zeros_like(total))
+    high = (spectrum * (radius > cutoff).to(spectrum.dtype)).sum(dim=(-2, -1))
+    return torch.where(total > 0, high / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
 def sharpness(images: torch.Tensor) -> torch.Tensor:
