@@ -11,7 +11,7 @@
 Nothing here imports torch at import time.
 """
 
-from ngdiag.runs.engine import Workflow, load_shards, merge_workflow, run_workflow
+from ngdiag.runs.engine import Workflow, load_finished, load_shards, merge_workflow, run_workflow
 from ngdiag.runs.folder import (
     LOCK_FILE,
     MANIFEST_FILE,
@@ -30,7 +30,7 @@ from ngdiag.runs.state import STATE_FILE, load_state, read_state
 from ngdiag.runs.versions import versions
 
 __all__ = [
-    "Workflow", "run_workflow", "merge_workflow", "load_shards",
+    "Workflow", "run_workflow", "merge_workflow", "load_shards", "load_finished",
     "RunFolder", "check_not_input", "check_output_file", "check_output_folder", "lock_output", "open_output",
     "use_output", "LOCK_FILE", "MANIFEST_FILE",
     "launcher_world", "launched_shard_dir", "output_folders", "merge_launched",

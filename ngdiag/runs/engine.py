@@ -50,9 +50,9 @@ from ngdiag.core.errors import ConfigError
 from ngdiag.runs.folder import RunFolder, use_output
 from ngdiag.runs.progress import as_progress
 from ngdiag.runs.shards import shard_batches
-from ngdiag.runs.state import STATE_FILE, load_state
+from ngdiag.runs.state import STATE_FILE, load_state, read_state
 
-__all__ = ["Workflow", "run_workflow", "merge_workflow", "load_shards"]
+__all__ = ["Workflow", "run_workflow", "merge_workflow", "load_shards", "load_finished"]
 
 #: What reading a damaged part may raise (parquet, JSON, ``np.load`` of a cut or altered file).
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
@@ -206,6 +206,22 @@ def run_workflow(
         workflow.save(result, folder, report=report)
         folder.write_text(STATE_FILE, json.dumps(state, indent=2))
     return result
+
+
+def load_finished(workflow: Workflow, path):
+    """The result of a finished single run of ``workflow`` (same kind and fingerprint) in ``path``, else ``None``.
+
+    Nothing is computed or written: the parts are read and joined as the run joined them. Callers that
+    run many workflows (``ngdiag sweep``) use it so that a rerun does not redo what is done.
+    """
+    path = Path(path)
+    state = read_state(path)
+    if (state is None or state.get("kind") != workflow.kind or not state.get("complete")
+            or list(state.get("shard", ())) != [0, 1] or "merged_from" in state):
+        return None
+    if state.get("fingerprint") != workflow.config.fingerprint(workflow.checkpoint):
+        return None
+    return workflow.finalize([workflow._read(path, b) for b in workflow.batches((0, 1))])
 
 
 def merge_workflow(workflow_type: type, shard_dirs: Sequence, out_dir, *, overwrite: bool = False, report: bool = True):

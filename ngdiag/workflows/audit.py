@@ -64,6 +64,10 @@ class AuditConfig(SampleSet):
         fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
             (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster, and
             only for adapters peft can mix: not DoRA).
+        sample_base: with a reward, also sample the base on its own trajectory and score it (the
+            default). ``ngdiag sweep`` and ``ngdiag compare`` sample the base once for many
+            checkpoints and turn it off for the others; it needs ``trajectory="theta"`` and no
+            ``renorm`` (which compares against the base's samples).
     """
 
     trajectory: str = "theta"
@@ -76,6 +80,7 @@ class AuditConfig(SampleSet):
     n_resamples: int = 2000
     grid_size: int = 4
     fuse_lora: Optional[bool] = None
+    sample_base: bool = True
 
     _needs_two = "an audit needs at least 2 samples for a confidence interval"
 
@@ -89,6 +94,15 @@ class AuditConfig(SampleSet):
             raise ConfigError(f"confidence must lie in (0, 1), got {self.confidence}")
         if self.tolerance < 0:
             raise ConfigError(f"tolerance must be non-negative, got {self.tolerance}")
+        if not self.sample_base and (self.trajectory != "theta" or self.renorm):
+            raise ConfigError("sample_base=False needs trajectory='theta' and no renorm (both use the base's samples)")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if d.get("sample_base", True):
+            # the default is left out, so the fingerprints of audits made before the option existed still match
+            d.pop("sample_base", None)
+        return d
 
 
 @dataclass
@@ -272,7 +286,8 @@ class _BatchRunner:
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
         if needs_extra:
             if cfg.trajectory == "theta":
-                finals["base"] = sample(ref_g, batch.x_init, batch.sigmas).x_final
+                if cfg.sample_base:
+                    finals["base"] = sample(ref_g, batch.x_init, batch.sigmas).x_final
             else:
                 finals["rl"] = sample(theta_g, batch.x_init, batch.sigmas).x_final
             if cfg.renorm:

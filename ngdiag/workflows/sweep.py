@@ -1,0 +1,389 @@
+"""Audit every checkpoint of a training run on the same prompts and seeds (the paper's Table 5 question).
+
+:func:`run_sweep` finds the ``checkpoint-N`` folders of a run (:func:`find_checkpoints`: ngdiag's and
+Flow-Factory's ``RUN/checkpoint-N``, flow_grpo's and DiffusionNFT's ``RUN/checkpoints/checkpoint-N``) and
+audits each against the base with one :class:`~ngdiag.workflows.audit.AuditConfig`: the same prompts,
+seeds and sampling settings for every checkpoint. With a reward, the base is sampled and scored once
+(with the first checkpoint) and every checkpoint's reward and image-quality measures are paired with
+it, sample by sample.
+
+Each audit is a durable run folder ``OUT/checkpoint-N/`` (resumable, as ``ngdiag audit`` is); a sweep
+rerun with the same arguments reads the finished ones instead of redoing them. The sweep writes
+``OUT/sweep.csv`` (one row per checkpoint), ``OUT/summary.json`` and ``OUT/report.html``.
+
+The early-stopping question: the first checkpoint whose inflation interval lies wholly above a
+``threshold`` (``ci_low > threshold``) is marked (``first_above``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from ngdiag.core.errors import ConfigError
+
+__all__ = ["find_checkpoints", "run_sweep", "SweepResult", "paired_interval", "SCHEMA_VERSION", "is_sweep_folder"]
+
+SCHEMA_VERSION = 1
+KIND = "sweep"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_LAYOUTS = ("", "checkpoints")  # RUN/checkpoint-N (ngdiag, Flow-Factory), RUN/checkpoints/checkpoint-N (flow_grpo)
+
+
+def find_checkpoints(run_dir) -> list:
+    """``[(N, path)]`` of the ``checkpoint-N`` folders of a training run, in order of ``N``.
+
+    Looks in ``run_dir`` and ``run_dir/checkpoints``. Raises :class:`ConfigError` when ``run_dir`` is
+    not a folder, holds no checkpoint, or holds the same ``N`` in both places.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a folder (a training run folder with checkpoint-N folders)")
+    found: dict = {}
+    for sub in _LAYOUTS:
+        parent = run / sub if sub else run
+        if not parent.is_dir():
+            continue
+        for path in parent.iterdir():
+            m = _CHECKPOINT.match(path.name)
+            if m is None or not path.is_dir():
+                continue
+            n = int(m.group(1))
+            if n in found:
+                raise ConfigError(f"{run} holds checkpoint-{n} twice ({found[n]} and {path}); sweep one layout at a time")
+            found[n] = path
+    if not found:
+        raise ConfigError(f"{run} holds no checkpoint-N folder (looked in {run} and {run / 'checkpoints'})")
+    return sorted(found.items())
+
+
+def paired_interval(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple:
+    """``(mean, low, high)`` of per-sample paired differences: a seeded percentile bootstrap over samples.
+
+    All values equal give the exact interval ``[mean, mean]``; fewer than 2 values give NaN bounds.
+    """
+    from ngdiag.stats import bootstrap_mean_interval
+
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean()) if v.size else math.nan
+    if v.size < 2:
+        return mean, math.nan, math.nan
+    lo, hi, _ = bootstrap_mean_interval(v, confidence=confidence, method="percentile", n_resamples=n_resamples, seed=seed)
+    return mean, float(lo), float(hi)
+
+
+@dataclass
+class SweepResult:
+    """Every checkpoint of a run audited on the same samples.
+
+    Attributes:
+        run: the run folder; base: the base the checkpoints were audited against.
+        table: one row per checkpoint (see :func:`run_sweep`).
+        per_step: per-step ratio curves ``iteration, step, t, mean_ratio, ci_low, ci_high`` (guided velocity).
+        threshold: the inflation threshold (fraction); first_above: the iteration of the first checkpoint
+            whose interval lies above it, or ``None``.
+        audits: ``{iteration: AuditResult}``; config: the audit config shared by every checkpoint.
+    """
+
+    run: Path
+    base: Optional[str]
+    table: pd.DataFrame
+    per_step: pd.DataFrame
+    threshold: float
+    first_above: Optional[int]
+    config: object
+    audits: dict = field(default_factory=dict)
+    reused: list = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.table.copy()
+
+    def summary(self) -> dict:
+        from ngdiag.runs import versions
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "run": str(self.run),
+            "base": self.base,
+            "threshold": self.threshold,
+            "first_above": self.first_above,
+            "num_checkpoints": int(len(self.table)),
+            "num_samples": int(self.config.num_samples),
+            "reward": self.config.reward,
+            "config": self.config.to_dict(),
+            "checkpoints": _records(self.table),
+            "versions": versions(),
+        }
+
+    def render_html(self) -> str:
+        return _render_report(self)
+
+    def save(self, folder) -> dict:
+        """Write ``sweep.csv``, ``report.html`` and ``summary.json`` (last) into an open run folder."""
+        summary = self.summary()
+        html = self.render_html()
+        folder.write("sweep.csv", lambda p: self.table.to_csv(p, index=False))
+        folder.write("steps.csv", lambda p: self.per_step.to_csv(p, index=False))
+        folder.write_text("report.html", html)
+        folder.write_text("summary.json", json.dumps(summary, indent=2))
+        return summary
+
+
+def _records(frame: pd.DataFrame) -> list:
+    out = []
+    for row in frame.to_dict(orient="records"):
+        clean = {}
+        for k, v in row.items():
+            if isinstance(v, np.integer):
+                v = int(v)
+            elif isinstance(v, np.bool_):
+                v = bool(v)
+            elif isinstance(v, (np.floating, float)):
+                v = None if not math.isfinite(float(v)) else float(v)
+            clean[k] = v
+        out.append(clean)
+    return out
+
+
+def is_sweep_folder(path) -> bool:
+    """Whether ``path`` holds a sweep ngdiag wrote (its ``summary.json`` says ``"kind": "sweep"``)."""
+    try:
+        return json.loads((Path(path) / "summary.json").read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_sweep_output(out, inputs) -> Path:
+    """The sweep folder may be new, empty, or an earlier sweep's (resumed); nothing else. Writes nothing."""
+    from ngdiag.runs import MANIFEST_FILE, check_not_input
+
+    out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"sweep folder {out} is a symbolic link; ngdiag does not write through links")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"sweep folder {out} exists and is not a folder")
+    check_not_input(out, list(inputs), what="sweep folder")
+    if out.is_dir() and any(c.name not in (MANIFEST_FILE, ".ngdiag.lock") for c in out.iterdir()):
+        if not (out / MANIFEST_FILE).is_file() or (out / MANIFEST_FILE).is_symlink():
+            raise ConfigError(f"sweep folder {out} already holds files ngdiag did not write; choose another folder")
+    return out
+
+
+def run_sweep(
+    run_dir,
+    config,
+    *,
+    out_dir,
+    base: Optional[str] = None,
+    threshold: float = 0.0,
+    device="cpu",
+    dtype=None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+    load_kwargs: Optional[dict] = None,
+) -> SweepResult:
+    """Audit every checkpoint of ``run_dir`` with ``config`` and write the sweep into ``out_dir``.
+
+    Args:
+        run_dir: a training run folder (:func:`find_checkpoints`).
+        config: an :class:`~ngdiag.workflows.audit.AuditConfig` (prompts, samples, seeds, sampling, reward)
+            used for every checkpoint; its ``renorm`` must be off.
+        out_dir: the sweep folder: new, empty, or an earlier sweep (finished audits are read, not redone).
+        base: the base pipeline; default: the run's ``config.yaml`` (``model.base``) for ngdiag runs, else
+            what the checkpoint records (a PEFT adapter's ``base_model_name_or_path``).
+        threshold: inflation threshold as a fraction (0.05 = 5 %) for ``first_above``.
+        overwrite: redo a checkpoint's audit whose folder holds a finished audit with other arguments.
+        progress: ``f(message)`` before each checkpoint.
+        load_kwargs: extra arguments of :func:`~ngdiag.models.loading.load_checkpoint` (``allow_pickle``...).
+
+    Returns:
+        A :class:`SweepResult`. Its ``table`` has one row per checkpoint: ``iteration``, ``checkpoint``,
+        ``inflation``, ``ci_low``, ``ci_high``, ``verdict``, ``differs_from_zero``, ``above_threshold``,
+        ``interval_unit`` and, with a reward, ``reward``, ``reward_delta`` with ``reward_delta_low`` /
+        ``reward_delta_high`` (paired against the base), and for each quality measure ``M``: ``M`` (mean)
+        and ``M_delta`` with ``M_delta_low`` / ``M_delta_high``. All intervals at ``config.confidence``.
+    """
+    from ngdiag.models.loading import load_checkpoint
+    from ngdiag.runs import lock_output, load_finished
+    from ngdiag.workflows.audit import AuditWorkflow, run_audit
+
+    threshold = float(threshold)
+    if not math.isfinite(threshold) or threshold <= -1:
+        raise ConfigError(f"the threshold must be a finite inflation above -100 %, got {threshold}")
+    if config.renorm:
+        raise ConfigError("a sweep audits without --renorm (audit one checkpoint with --renorm instead)")
+    if config.trajectory != "theta":
+        raise ConfigError("a sweep audits on theta's trajectory")
+    run = Path(run_dir).resolve()
+    checkpoints = find_checkpoints(run)
+    if base is None:
+        base = _base_of_run(run)
+    inputs = [("run", run), *([("base", base)] if base is not None else [])]
+    out = check_sweep_output(out_dir, inputs)
+    load_kwargs = dict(load_kwargs or {})
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+
+    audits, reused = {}, []
+    with lock_output(out, inputs=inputs, what="sweep folder") as folder:
+        for index, (n, path) in enumerate(checkpoints):
+            if progress is not None:
+                progress(f"checkpoint-{n} ({index + 1} of {len(checkpoints)})")
+            ckpt = load_checkpoint(path, base, device=device, **load_kwargs)
+            ckpt.require_ref()
+            cfg = dataclasses.replace(config, sample_base=(index == 0) or config.reward is None).resolved(ckpt)
+            sub = folder.path / f"checkpoint-{n}"
+            result = None if overwrite else load_finished(AuditWorkflow(cfg, ckpt.describe()), sub)
+            if result is None:
+                result = run_audit(ckpt, cfg, out_dir=sub, overwrite=overwrite)
+            else:
+                reused.append(n)
+            audits[n] = result
+            if base is None:
+                base = result.checkpoint.get("base")
+            del ckpt
+        first_cfg = audits[checkpoints[0][0]].config
+        table, per_step = _tables(audits, checkpoints, threshold)
+        above = table.loc[table["above_threshold"], "iteration"]
+        result = SweepResult(run=run, base=None if base is None else str(base), table=table, per_step=per_step,
+                             threshold=threshold, first_above=int(above.iloc[0]) if len(above) else None,
+                             config=first_cfg, audits=audits, reused=reused)
+        result.save(folder)
+    return result
+
+
+def _base_of_run(run: Path) -> Optional[str]:
+    """``model.base`` of an ngdiag run's ``config.yaml`` (relative paths are relative to the run folder's
+    parent, as the trainer resolved them when it ran there), or ``None``."""
+    import yaml
+
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        return None
+    try:
+        data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{cfg} is not readable YAML") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    value = model.get("base") if isinstance(model, dict) else None
+    return str(value) if isinstance(value, str) and value else None
+
+
+def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
+    from ngdiag.quality import MEASURES
+
+    first = audits[checkpoints[0][0]]
+    conf = first.config.confidence
+    base_rewards = base_quality = None
+    if first.rewards is not None:
+        base_rewards = first.rewards[first.rewards["model"] == "base"].sort_values("sample")
+    if first.quality is not None:
+        base_quality = first.quality[first.quality["model"] == "base"].sort_values("sample")
+    rows, curves = [], []
+    for n, path in checkpoints:
+        a = audits[n]
+        inf = a.inflation
+        row = {
+            "iteration": n,
+            "checkpoint": str(path),
+            "inflation": inf.value,
+            "ci_low": inf.ci_low,
+            "ci_high": inf.ci_high,
+            "verdict": inf.verdict,
+            "differs_from_zero": bool(inf.ci_low > 0 or inf.ci_high < 0),
+            "above_threshold": bool(inf.ci_low > threshold),
+            "interval_unit": getattr(inf, "interval_unit", "samples"),
+        }
+        t_weighted = getattr(inf, "t_weighted", None)
+        if t_weighted is not None:
+            row["inflation_t_weighted"] = getattr(t_weighted, "value", t_weighted)
+        seed = int(a.config.seed)
+        if base_rewards is not None and a.rewards is not None:
+            rl = a.rewards[a.rewards["model"] == "rl"].sort_values("sample")
+            row["reward"] = float(rl["reward"].mean())
+            mean, lo, hi = paired_interval(rl["reward"].to_numpy(float) - base_rewards["reward"].to_numpy(float),
+                                           confidence=conf, seed=seed)
+            row.update({"reward_delta": mean, "reward_delta_low": lo, "reward_delta_high": hi})
+        if base_quality is not None and a.quality is not None:
+            rl = a.quality[a.quality["model"] == "rl"].sort_values("sample")
+            for k in MEASURES:
+                row[k] = float(rl[k].mean())
+                mean, lo, hi = paired_interval(rl[k].to_numpy(float) - base_quality[k].to_numpy(float),
+                                               confidence=conf, seed=seed)
+                row.update({f"{k}_delta": mean, f"{k}_delta_low": lo, f"{k}_delta_high": hi})
+        rows.append(row)
+        guided = a.per_step[a.per_step["call"] == "guided"][["step", "t", "mean_ratio", "ci_low", "ci_high"]].copy()
+        guided.insert(0, "iteration", n)
+        curves.append(guided)
+    return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
+
+
+def _render_report(result: SweepResult) -> str:
+    from ngdiag.report import figures as F
+    from ngdiag.report.html import figure_block, render_demo_page, table_of
+    from ngdiag.runs import versions
+
+    t = result.table
+    cfg = result.config
+    conf = f"{cfg.confidence:.0%}"
+    pct = lambda v: "" if v is None or not math.isfinite(v) else f"{100 * v:+.2f} %"  # noqa: E731
+    inflation_rows = pd.DataFrame({
+        "checkpoint": [f"checkpoint-{n}" for n in t["iteration"]],
+        "inflation": [pct(v) for v in t["inflation"]],
+        f"{conf} interval": [f"[{pct(lo)}, {pct(hi)}]" for lo, hi in zip(t["ci_low"], t["ci_high"])],
+        "verdict": t["verdict"],
+        "differs from 0": ["yes" if d else "no" for d in t["differs_from_zero"]],
+        f"above {100 * result.threshold:g} %": ["yes" if a else "no" for a in t["above_threshold"]],
+    })
+    if "inflation_t_weighted" in t:
+        inflation_rows["t-weighted"] = [pct(v) for v in t["inflation_t_weighted"]]
+    if result.first_above is None:
+        verdict = (f"No checkpoint's {conf} inflation interval lies above {100 * result.threshold:g} %.")
+    else:
+        verdict = (f"First checkpoint whose {conf} inflation interval lies above {100 * result.threshold:g} %: "
+                   f"checkpoint-{result.first_above}.")
+    frame = t.rename(columns={"iteration": "iteration"}).assign(run=result.run.name)
+    sections = [{
+        "id": "inflation",
+        "title": "Inflation against training iteration",
+        "verdict": verdict,
+        "paragraphs": [
+            f"{len(t)} checkpoints of {result.run}, each audited against the base {result.base} on the same "
+            f"{cfg.num_samples} samples (prompt i mod {len(cfg.prompts)}, seed {cfg.seed} + i), "
+            f"{cfg.sampling.num_steps} steps, guidance {cfg.sampling.guidance_scale:g}.",
+            "Inflation: exp(mean over samples of mean over steps of log ||v_θ|| / ||v_ref||) − 1, guided velocity "
+            f"on the checkpoint's own trajectory, with a bootstrap interval ({t['interval_unit'].iloc[0]} resampled).",
+        ],
+        "tables": [table_of(inflation_rows)],
+        "figures": [figure_block(F.inflation_by_iteration(frame), alt="Inflation against training iteration")],
+    }]
+    if "reward_delta" in t:
+        from ngdiag.quality import MEASURES
+
+        cols = {"checkpoint": [f"checkpoint-{n}" for n in t["iteration"]], "reward": [f"{v:.4f}" for v in t["reward"]],
+                "reward − base": [f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in
+                                  zip(t["reward_delta"], t["reward_delta_low"], t["reward_delta_high"])]}
+        for k in MEASURES:
+            if f"{k}_delta" in t:
+                cols[f"{k} − base"] = [f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in
+                                       zip(t[f"{k}_delta"], t[f"{k}_delta_low"], t[f"{k}_delta_high"])]
+        sections.append({
+            "id": "quality",
+            "title": "Reward and image quality against the base",
+            "paragraphs": [f"Reward {cfg.reward}. Differences are paired (same prompt and seed as the base's "
+                           f"sample), means with {conf} percentile bootstrap intervals over samples. The base was "
+                           "sampled once, with the first checkpoint."],
+            "tables": [table_of(pd.DataFrame(cols))],
+        })
+    return render_demo_page(f"ngdiag sweep: {result.run.name}", sections, kicker="ngdiag sweep",
+                            lead=f"Every checkpoint of {result.run}, audited on the same samples.",
+                            versions=versions())
