@@ -65,8 +65,9 @@ def find_checkpoints(run_dir) -> list:
     return sorted(found.items())
 
 
-def paired_interval(values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple:
-    """``(mean, low, high)`` of per-sample paired differences: a seeded percentile bootstrap over samples.
+def paired_interval(values, *, clusters=None, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple:
+    """``(mean, low, high)`` of per-sample paired differences: a seeded percentile bootstrap over samples,
+    or over prompts when ``clusters`` (each sample's prompt index) repeats (:func:`ngdiag.stats.bootstrap_mean_interval`).
 
     All values equal give the exact interval ``[mean, mean]``; fewer than 2 values give NaN bounds.
     """
@@ -76,7 +77,8 @@ def paired_interval(values, *, confidence: float = 0.95, n_resamples: int = 2000
     mean = float(v.mean()) if v.size else math.nan
     if v.size < 2:
         return mean, math.nan, math.nan
-    lo, hi, _ = bootstrap_mean_interval(v, confidence=confidence, method="percentile", n_resamples=n_resamples, seed=seed)
+    lo, hi, _ = bootstrap_mean_interval(v, clusters=clusters, confidence=confidence, method="percentile",
+                                        n_resamples=n_resamples, seed=seed)
     return mean, float(lo), float(hi)
 
 
@@ -307,18 +309,19 @@ def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
         if t_weighted is not None:
             row["inflation_t_weighted"] = getattr(t_weighted, "value", t_weighted)
         seed = int(a.config.seed)
+        clusters = np.arange(a.config.num_samples) % len(a.config.prompts)  # sample i uses prompt i mod P
         if base_rewards is not None and a.rewards is not None:
             rl = a.rewards[a.rewards["model"] == "rl"].sort_values("sample")
             row["reward"] = float(rl["reward"].mean())
             mean, lo, hi = paired_interval(rl["reward"].to_numpy(float) - base_rewards["reward"].to_numpy(float),
-                                           confidence=conf, seed=seed)
+                                           clusters=clusters, confidence=conf, seed=seed)
             row.update({"reward_delta": mean, "reward_delta_low": lo, "reward_delta_high": hi})
         if base_quality is not None and a.quality is not None:
             rl = a.quality[a.quality["model"] == "rl"].sort_values("sample")
             for k in MEASURES:
                 row[k] = float(rl[k].mean())
                 mean, lo, hi = paired_interval(rl[k].to_numpy(float) - base_quality[k].to_numpy(float),
-                                               confidence=conf, seed=seed)
+                                               clusters=clusters, confidence=conf, seed=seed)
                 row.update({f"{k}_delta": mean, f"{k}_delta_low": lo, f"{k}_delta_high": hi})
         rows.append(row)
         guided = a.per_step[a.per_step["call"] == "guided"][["step", "t", "mean_ratio", "ci_low", "ci_high"]].copy()
