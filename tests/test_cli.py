@@ -24,7 +24,7 @@ from ngdiag.testing import save_scaled_finetune
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["inspect", "audit", "merge", "sensitivity", "merge-sensitivity", "train", "compare"]
+COMMANDS = ["inspect", "audit", "merge", "sensitivity", "merge-sensitivity", "train", "compare", "sweep"]
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "pandas", "scipy", "matplotlib")
 
 
@@ -71,7 +71,7 @@ def _group():
 def test_device_defaults_to_auto_everywhere():
     commands = _group().commands
     with_device = {name: cmd for name, cmd in commands.items() if any(p.name == "device" for p in cmd.params)}
-    assert set(with_device) == {"audit", "sensitivity", "compare"}
+    assert set(with_device) == {"audit", "sensitivity", "compare", "sweep"}
     for name, cmd in with_device.items():
         param = next(p for p in cmd.params if p.name == "device")
         assert param.default == "auto", name
@@ -85,7 +85,7 @@ def test_reward_help_lists_every_kind_from_the_registry():
     for kind, entry in REWARD_SPECS.items():  # the registry is what load_reward understands
         if not entry.needs_path:
             assert load_reward(kind).name == kind
-    for name in ("audit", "sensitivity", "compare"):
+    for name in ("audit", "sensitivity", "compare", "sweep"):
         param = next(p for p in _group().commands[name].params if p.name == "reward")
         words = set(re.findall(r"[a-z0-9]+", param.help))
         assert set(REWARD_KINDS) <= words, (name, param.help)
