@@ -121,27 +121,30 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def compare(
-        run_a: Annotated[Path, typer.Argument(help="First training run folder (e.g. without NormGuard).")],
-        run_b: Annotated[Path, typer.Argument(help="Second training run folder (e.g. with NormGuard).")],
+        runs: Annotated[List[Path], typer.Argument(help="Two or more training run folders, or checkpoint-N folders inside them (labelled A, B, C... in this order).")],
         steps: Annotated[str, typer.Option(help="Sampling step counts of the few-step ablation, comma-separated.")] = "28,10,4",
         reward: Annotated[Optional[str], typer.Option(help=f"Reward spec [default: the runs' training reward]: {reward_kinds_help()}.")] = None,
+        prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line, e.g. held out from training [default: run A's training prompts].")] = None,
+        prompt: Annotated[Optional[List[str]], typer.Option("--prompt", metavar="<str>", help="A prompt (repeatable).")] = None,
         num_samples: Annotated[int, typer.Option(help="Samples per model and step count.")] = 8,
         guidance_scale: Annotated[Optional[float], typer.Option(
             parser=finite_float, help="CFG scale [default: run A's training guidance].")] = None,
         seed: Annotated[int, typer.Option(help="Sample i uses seed + i (0 <= seed, seed + samples - 1 < 2**63).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
+        baseline: Annotated[str, typer.Option(help="What the paired differences are taken against: base, or a run's label (A, B...).")] = "base",
         out: Annotated[Path, typer.Option(help="Output HTML report.")] = Path("compare.html"),
         device: Device = "auto",
         output_format: Annotated[str, typer.Option("--format", help="human or json (the table to stdout).")] = "human",
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no notes on stderr (errors only).")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report written by ngdiag compare.")] = False,
     ):
-        """Compare two training runs: reward and inflation over training, and a few-step ablation.
+        """Compare training runs or checkpoints: reward and inflation over training, paired differences, a few-step ablation.
 
-        Writes one HTML report: reward and inflation against iteration for both runs, the per-step ratio curves of their final checkpoints, rewards and image grids at each step count, and a table shaped like the paper's Table 3.
+        Writes one HTML report: reward and inflation against iteration for every run, a table shaped like the paper's Table 3, paired differences (reward, norm ratio, image quality) against --baseline with intervals, a curve when the runs differ in one training setting (a lambda sweep) or a grid when in two (lambda x kl_beta), ratio curves and image grids. The base is sampled once per step count.
 
-        Example: ngdiag compare runs/nft runs/nft-normguard --steps 28,10,4 --reward pickscore:/models/pickscore
+        Example: ngdiag compare runs/nft runs/nft-lam0.5 runs/nft-lam1 --prompts held-out.txt --num-samples 32 --steps 28,10
         """
+        from ngdiag.cli.common import read_prompts
         from ngdiag.models.generation import SampleSet, SamplingConfig
 
         check_choice("--format", output_format, FORMATS)
@@ -154,21 +157,29 @@ def register(app: typer.Typer) -> None:
             from ngdiag.rewards.specs import parse_reward_spec
 
             parse_reward_spec(reward)
-        from ngdiag.workflows.compare import check_compare_output, compare_runs, load_run, run_inputs
+        notes: list = []
+        held_out = read_prompts(prompts_file, prompt, notes) if (prompts_file is not None or prompt) else None
+        from ngdiag.workflows.compare import check_compare_output, compare_runs, load_runs, run_inputs
 
-        first = load_run(run_a, "A")
+        infos = load_runs(runs)
+        labels = [r.label for r in infos]
+        if baseline != "base" and baseline not in labels:
+            raise ConfigError(f"--baseline must be 'base' or one of {', '.join(labels)}, got {baseline!r}")
         # the report path is checked before any model is loaded (the runs are only read here)
-        check_compare_output(out, run_inputs([first, load_run(run_b, "B")]), overwrite=overwrite)
+        check_compare_output(out, run_inputs(infos), overwrite=overwrite)
+        first = infos[0]
         guidance = first.config.sampling.guidance_scale if guidance_scale is None else guidance_scale
         where = "command line (--guidance-scale)" if guidance_scale is not None else f"{first.path / 'config.yaml'}"
-        notes = [f"compare: {', '.join(map(str, step_list))} steps, guidance {guidance:g} (guidance: {where}), "
-                 f"{num_samples} samples per model and step count"]
+        notes.append(f"compare: {len(infos)} runs, {', '.join(map(str, step_list))} steps, guidance {guidance:g} "
+                     f"(guidance: {where}), {num_samples} samples per model and step count, "
+                     f"prompts: {'given' if held_out else 'run A training prompts'}")
         resolved_device = resolve_device(device)
         print_notes(notes, quiet)
-        with Progress("compare", "audit", 2 * len(step_list), enabled=not quiet) as bar:
+        with Progress("compare", "audit", len(infos) * len(step_list), enabled=not quiet) as bar:
             result = compare_runs(
-                run_a, run_b, steps=step_list, reward=reward, num_samples=num_samples, guidance_scale=guidance_scale,
-                seed=seed, batch_size=batch_size, device=resolved_device, progress=lambda done, total: bar.advance_to(done),
+                infos, steps=step_list, reward=reward, prompts=held_out, num_samples=num_samples,
+                guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, baseline=baseline,
+                device=resolved_device, progress=lambda done, total: bar.advance_to(done),
             )
         path = result.save_html(out, overwrite=overwrite)
         table = result.table_wide()

@@ -528,3 +528,89 @@ def inflation_by_iteration(frame: pd.DataFrame, *, run_column: str = "run") -> F
         ax.set_title("Norm inflation across training")
         ax.legend(loc="best", frameon=False)
     return fig
+
+
+def _setting_values(frame: pd.DataFrame, key: str) -> tuple:
+    """Positions and tick labels of a setting's values: numbers where they all are, else categories."""
+    values = list(frame[key])
+    try:
+        numbers = np.asarray([float(v) for v in values], float)
+        if np.isfinite(numbers).all():
+            return numbers, None
+    except (TypeError, ValueError):
+        pass
+    cats = list(dict.fromkeys(str(v) for v in values))
+    return np.asarray([cats.index(str(v)) for v in values], float), cats
+
+
+def setting_curve(frame: pd.DataFrame, setting: str) -> Figure:
+    """Inflation (top, with its interval) and reward difference against the base (bottom, with its interval
+    when given) against one training setting (e.g. ``normguard.lam``): a lambda sweep (paper Figure 9).
+
+    ``frame``: one row per run with ``setting``, ``inflation``, ``ci_low``, ``ci_high`` (fractions) and
+    optionally ``reward_delta`` with ``reward_delta_low`` / ``reward_delta_high``, and ``label``.
+    """
+    _require(frame, (setting, "inflation", "ci_low", "ci_high"), "setting curve")
+    frame = frame.copy()
+    x, cats = _setting_values(frame, setting)
+    order = np.argsort(x, kind="stable")
+    frame, x = frame.iloc[order], x[order]
+    rewards = "reward_delta" in frame.columns and frame["reward_delta"].notna().any()
+    with _style():
+        fig = Figure(figsize=(7.0, 4.8 if rewards else 3.2), layout="constrained")
+        axes = fig.subplots(2 if rewards else 1, 1, sharex=True, squeeze=False)[:, 0]
+        ax = axes[0]
+        y = 100 * frame["inflation"].to_numpy(float)
+        err = np.vstack([y - 100 * frame["ci_low"].to_numpy(float), 100 * frame["ci_high"].to_numpy(float) - y])
+        ax.errorbar(x, y, yerr=err, color=THETA_COLOR, marker="o", capsize=3, linewidth=1.6, label="inflation")
+        ax.axhline(0.0, color=REF_COLOR, linestyle="--", linewidth=1.2, label="no inflation")
+        if "label" in frame.columns:
+            for xi, yi, lab in zip(x, y, frame["label"]):
+                ax.annotate(str(lab), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_ylabel("inflation (%)")
+        ax.set_title(f"Inflation and reward against {setting}")
+        ax.legend(loc="best", frameon=False)
+        if rewards:
+            r = frame["reward_delta"].to_numpy(float)
+            lo = frame.get("reward_delta_low", frame["reward_delta"]).to_numpy(float)
+            hi = frame.get("reward_delta_high", frame["reward_delta"]).to_numpy(float)
+            axes[1].errorbar(x, r, yerr=np.vstack([r - lo, hi - r]), color=NEUTRAL_COLOR, marker="s", capsize=3,
+                             linewidth=1.6)
+            axes[1].axhline(0.0, color=REF_COLOR, linestyle="--", linewidth=1.2)
+            axes[1].set_ylabel("reward − base")
+        axes[-1].set_xlabel(setting)
+        if cats is not None:
+            axes[-1].set_xticks(range(len(cats)), cats)
+    return fig
+
+
+def setting_grid(frame: pd.DataFrame, rows: str, columns: str, *, values: Sequence[str] = ("inflation", "reward_delta")) -> Figure:
+    """Heat maps of ``values`` (one panel each; ``inflation`` in %) over two training settings, one cell per run
+    (the paper's Table 6: lambda x KL). Cells without a run are blank; each cell prints its value."""
+    _require(frame, (rows, columns), "setting grid")
+    values = [v for v in values if v in frame.columns and frame[v].notna().any()]
+    if not values:
+        raise ConfigError("setting_grid needs at least one of the value columns")
+    row_keys = sorted(dict.fromkeys(frame[rows]), key=lambda v: (isinstance(v, str), v))
+    col_keys = sorted(dict.fromkeys(frame[columns]), key=lambda v: (isinstance(v, str), v))
+    with _style():
+        fig = Figure(figsize=(3.6 * len(values) + 0.6, 0.6 * len(row_keys) + 2.0), layout="constrained")
+        axes = fig.subplots(1, len(values), squeeze=False)[0]
+        for ax, value in zip(axes, values):
+            grid = np.full((len(row_keys), len(col_keys)), np.nan)
+            for _, rec in frame.iterrows():
+                grid[row_keys.index(rec[rows]), col_keys.index(rec[columns])] = float(rec[value])
+            shown = 100 * grid if value == "inflation" else grid
+            limit = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
+            image = ax.imshow(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            for i in range(len(row_keys)):
+                for j in range(len(col_keys)):
+                    if np.isfinite(shown[i, j]):
+                        ax.text(j, i, f"{shown[i, j]:+.2f}", ha="center", va="center", fontsize=9)
+            ax.set_xticks(range(len(col_keys)), [str(c) for c in col_keys])
+            ax.set_yticks(range(len(row_keys)), [str(r) for r in row_keys])
+            ax.set_xlabel(columns)
+            ax.set_ylabel(rows)
+            ax.set_title("inflation (%)" if value == "inflation" else ("reward − base" if value == "reward_delta" else value))
+            fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig

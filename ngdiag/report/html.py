@@ -505,6 +505,15 @@ def _compare_conclusion(inflation: Sequence[Mapping]) -> list:
     return sentences
 
 
+def _rows_table(rows) -> dict:
+    """A table from a list of row dicts (columns in order of first appearance; cells formatted)."""
+    rows = [dict(r) for r in (rows or [])]
+    headers = list(dict.fromkeys(k for r in rows for k in r))
+    numeric = [all(isinstance(r.get(h), (int, float, np.number)) and not isinstance(r.get(h), bool)
+                   for r in rows if r.get(h) is not None) for h in headers]
+    return {"headers": headers, "numeric": numeric, "rows": [[_cell(r.get(h)) if h in r else "" for h in headers] for r in rows]}
+
+
 def render_compare_report(context: Mapping) -> str:
     """A comparison of training runs (e.g. without and with NormGuard).
 
@@ -515,6 +524,10 @@ def render_compare_report(context: Mapping) -> str:
               reward_mean`` and optionally ``reward_std, inflation`` (a fraction);
             - ``table``: rows (dicts) of the summary table (e.g. reward and inflation per run and
               step count, the paper's Table 3); columns in order of first appearance;
+            - ``paired``: rows (dicts) of the paired differences against the baseline;
+            - ``layout``: ``{"kind": "curve" | "grid", "keys": [setting, ...], "frame": DataFrame}``: the
+              runs' inflation (and ``reward_delta``) against one setting, or over two
+              (:func:`ngdiag.report.figures.setting_curve` / :func:`~ngdiag.report.figures.setting_grid`);
             - ``ratio_curves``: name -> per-step frame (as for the audit) of each final checkpoint;
             - ``images``: label -> ``(N, 3, H, W)`` in ``[0, 1]``, one grid row per label;
             - ``inflation``: ``[{"name", "steps", "value", "ci_low", "ci_high"}]`` (fractions,
@@ -535,12 +548,17 @@ def render_compare_report(context: Mapping) -> str:
                                    alt="Velocity-norm ratio against t for each run's final checkpoint")
     if context.get("images"):
         figures["images"] = _figure(F.image_grid, dict(context["images"]), alt="Images, one row per label")
-    rows = [dict(r) for r in (context.get("table") or [])]
-    headers = list(dict.fromkeys(k for r in rows for k in r))
-    numeric = [all(isinstance(r.get(h), (int, float, np.number)) and not isinstance(r.get(h), bool)
-                   for r in rows if r.get(h) is not None) for h in headers]
-    table = {"headers": headers, "numeric": numeric,
-             "rows": [[_cell(r.get(h)) if h in r else "" for h in headers] for r in rows]}
+    layout = context.get("layout")
+    if layout:
+        keys = list(layout["keys"])
+        if layout["kind"] == "curve":
+            figures["layout"] = _figure(F.setting_curve, layout["frame"], keys[0],
+                                        alt=f"Inflation and reward against {keys[0]}")
+        else:
+            figures["layout"] = _figure(F.setting_grid, layout["frame"], keys[0], keys[1],
+                                        alt=f"Inflation and reward over {keys[0]} x {keys[1]}")
+    table = _rows_table(context.get("table"))
+    paired = _rows_table(context.get("paired"))
     return _render(
         "compare.html.j2",
         title=str(context.get("title") or "ngdiag: comparison of training runs"),
@@ -548,6 +566,8 @@ def render_compare_report(context: Mapping) -> str:
                "iterations": int(len(r["metrics"]))} for i, (n, r) in enumerate(zip(names, runs))],
         figures=figures,
         table=table,
+        paired=paired,
+        layout={"kind": layout["kind"], "keys": list(layout["keys"]), "steps": layout.get("steps")} if layout else None,
         notes=[str(n) for n in (context.get("notes") or [])],
         conclusion=_compare_conclusion(list(context.get("inflation") or [])),
         config_rows=_flatten(context.get("config") or {}),

@@ -1,15 +1,19 @@
-"""Compare two training runs (typically the same settings without and with NormGuard).
+"""Compare any number of training runs or checkpoints (NormGuard vs none, a lambda sweep, lambda x KL).
 
-:func:`compare_runs` reads both run folders and:
+:func:`compare_runs` reads the runs (run folders, or ``checkpoint-N`` folders inside run folders) and:
 
 1. takes each run's metrics log (``metrics.jsonl``): reward mean / std, ``norm_ratio_mean``,
    ``inflation``, penalty and hinge-active fraction against the iteration;
-2. audits each run's final checkpoint against the shared base at every step count of ``steps``
-   (:func:`ngdiag.workflows.audit.run_audit`, theta's trajectory, guided velocity, the same prompts and
-   seeds for every model): the inflation with its bootstrap interval, the per-step ratio curve,
-   the reward of the run and of the base on the same seeds, and an image grid;
-3. builds a table shaped like the paper's Table 3: one row per model (base, run A, run B) and
-   step count, with the reward and the inflation in percent.
+2. audits each run's final checkpoint (or the checkpoint given) against the shared base at every step
+   count of ``steps`` (:func:`ngdiag.workflows.audit.run_audit`, theta's trajectory, guided velocity),
+   on the same prompts (held-out ones with ``prompts``) and seeds for every model. The base is sampled
+   and scored once per step count, not once per run;
+3. builds a table shaped like the paper's Table 3 (one row per model and step count: reward and inflation
+   with its interval), and a table of paired differences against a chosen ``baseline`` (a run's label or
+   ``"base"``): reward, norm ratio and every image-quality measure, sample by sample on the same prompt
+   and seed, with bootstrap intervals (over prompts when samples share prompts);
+4. finds the training settings in which the runs differ: one setting gives a curve (e.g. inflation and
+   reward against ``normguard.lam``), two a grid (``normguard.lam`` x ``nft.kl_beta``).
 
 The result renders to one self-contained HTML page (:meth:`CompareResult.save_html`) through
 ``ngdiag.report.html.render_compare_report``; :meth:`CompareResult.report_context` documents the
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -32,21 +37,26 @@ from ngdiag.core.errors import ConfigError
 from ngdiag.train.config import TrainConfig
 from ngdiag.train.run_folder import CONFIG_FILE, latest_checkpoint, read_metrics
 
-__all__ = ["RunInfo", "CompareResult", "compare_runs", "load_run", "run_inputs", "check_compare_output", "HISTORY_COLUMNS"]
+__all__ = ["RunInfo", "CompareResult", "compare_runs", "load_run", "run_inputs", "check_compare_output",
+           "HISTORY_COLUMNS", "varying_settings"]
 
 HISTORY_COLUMNS = (
     "reward_mean", "reward_std", "norm_ratio_mean", "inflation", "penalty", "hinge_active_fraction", "loss",
 )
+#: Config keys that never count as a difference between runs.
+_NOT_SETTINGS = ("output_dir", "iterations", "checkpoint_every", "resume", "model.base", "rollouts.prompts_file",
+                 "rollouts.prompts", "logging")
 
 
 @dataclass
 class RunInfo:
-    """One training run folder.
+    """One training run folder (or one of its checkpoints).
 
     Attributes:
-        label: ``"A"`` or ``"B"``; name: the folder name; path: the folder.
+        label: ``"A"``, ``"B"``, ...; name: the folder name (``run/checkpoint-N`` for a checkpoint given
+            explicitly); path: the run folder.
         config: its resolved :class:`TrainConfig`.
-        checkpoint: its newest complete ``checkpoint-N`` folder.
+        checkpoint: the ``checkpoint-N`` folder compared (the newest complete one unless given).
         metrics: its metrics log, one row per iteration.
     """
 
@@ -56,6 +66,11 @@ class RunInfo:
     config: TrainConfig
     checkpoint: Path
     metrics: pd.DataFrame
+
+    @property
+    def iteration(self) -> Optional[int]:
+        tail = self.checkpoint.name.rpartition("-")[2]
+        return int(tail) if tail.isdigit() else None
 
     @property
     def display(self) -> str:
@@ -78,8 +93,14 @@ class RunInfo:
 
 
 def load_run(path, label: str) -> RunInfo:
-    """Read a run folder written by :func:`ngdiag.train.trainer.train` (:mod:`ngdiag.train.run_folder`)."""
+    """Read a run folder written by :func:`ngdiag.train.trainer.train` (:mod:`ngdiag.train.run_folder`), or one
+    ``checkpoint-N`` folder inside such a run folder (that checkpoint is compared instead of the newest)."""
     folder = Path(path).resolve()
+    checkpoint = None
+    name = folder.name
+    if not (folder / CONFIG_FILE).is_file() and folder.name.startswith("checkpoint-") and (folder.parent / CONFIG_FILE).is_file():
+        checkpoint, folder = folder, folder.parent
+        name = f"{folder.name}/{checkpoint.name}"
     cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConfigError(f"{folder} is not an ngdiag training run ({CONFIG_FILE} missing)")
@@ -87,30 +108,69 @@ def load_run(path, label: str) -> RunInfo:
         config = TrainConfig.from_dict(yaml.safe_load(cfg_file.read_text()) or {})
     except yaml.YAMLError:
         raise ConfigError(f"{cfg_file} is not readable YAML") from None
-    checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
-        raise ConfigError(f"{folder} has no checkpoint yet; train it first")
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint is None:
+            raise ConfigError(f"{folder} has no checkpoint yet; train it first")
     metrics = pd.DataFrame(read_metrics(folder))
     if metrics.empty:
         raise ConfigError(f"{folder} has no metrics log (metrics.jsonl is missing or empty)")
-    return RunInfo(label, folder.name, folder, config, checkpoint, metrics)
+    return RunInfo(label, name, folder, config, checkpoint, metrics)
+
+
+def _labels(count: int) -> list:
+    letters = string.ascii_uppercase
+    return [letters[i] if i < 26 else f"R{i + 1}" for i in range(count)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def varying_settings(runs: Sequence[RunInfo]) -> pd.DataFrame:
+    """One row per run (``label``) and one column per training setting whose value differs between the runs
+    (dotted config keys such as ``normguard.lam``; ``checkpoint`` when the same run appears at several
+    checkpoints). Settings that do not shape the model (output folder, logging) are left out."""
+    flats = [_flat(r.config.to_dict()) for r in runs]
+    keys = sorted(set().union(*flats))
+    cols = {}
+    for key in keys:
+        if any(key == s or key.startswith(s + ".") for s in _NOT_SETTINGS):
+            continue
+        values = [f.get(key) for f in flats]
+        if len({repr(v) for v in values}) > 1:
+            cols[key] = values
+    iterations = [r.iteration for r in runs]
+    if len({str(r.path) for r in runs}) < len(runs) or (not cols and len(set(iterations)) > 1):
+        cols["checkpoint"] = iterations
+    return pd.DataFrame({"label": [r.label for r in runs], **cols})
 
 
 @dataclass
 class CompareResult:
-    """The comparison of two runs.
+    """The comparison of several runs.
 
     Attributes:
-        runs: the two :class:`RunInfo`, A then B.
+        runs: the :class:`RunInfo`, labelled A, B, C... in the order given.
         steps: the step counts of the ablation.
         reward: the reward spec used to score images.
-        history: long table ``run, iteration, metric, value`` from both metrics logs.
-        per_step: per-step ratio curves of the final checkpoints: ``model, steps, step, t, mean_ratio,
+        history: long table ``run, iteration, metric, value`` from the metrics logs.
+        per_step: per-step ratio curves of the compared checkpoints: ``model, steps, step, t, mean_ratio,
             ci_low, ci_high`` (guided velocity, theta's trajectory).
-        rewards: per-sample rewards ``model, steps, sample, reward`` (models ``base``, ``A``, ``B``).
+        rewards: per-sample rewards ``model, steps, sample, reward`` (models ``base``, ``A``, ``B``...).
         table: the Table 3 shaped summary (see :func:`compare_runs`).
+        paired: paired differences against the baseline (see :func:`compare_runs`).
+        settings: :func:`varying_settings` of the runs; layout: ``"curve"`` (one setting differs),
+            ``"grid"`` (two) or ``None``.
         images: ``{model: {steps: array (G, 3, H, W) in [0, 1]}}``.
-        prompts: the prompts of the ablation samples (sample ``i`` uses ``prompts[i % len]``).
+        prompts: the prompts of the samples (sample ``i`` uses ``prompts[i % len]``).
     """
 
     runs: list
@@ -120,25 +180,40 @@ class CompareResult:
     per_step: pd.DataFrame
     rewards: pd.DataFrame
     table: pd.DataFrame
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)
+    settings: pd.DataFrame = field(default_factory=pd.DataFrame)
+    baseline: str = "base"
     images: dict = field(default_factory=dict)
     prompts: list = field(default_factory=list)
     num_samples: int = 0
     seed: int = 0
     confidence: float = 0.95
+    quality: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def layout(self) -> Optional[str]:
+        """``"curve"`` when three or more runs differ in one setting, ``"grid"`` when in two, else ``None``."""
+        keys = [c for c in self.settings.columns if c != "label"]
+        return {1: "curve", 2: "grid"}.get(len(keys)) if len(self.runs) >= 3 else None
 
     def summary(self) -> dict:
-        """A JSON-safe summary: runs, settings and the table."""
+        """A JSON-safe summary: runs, settings and the tables."""
         return {
             "runs": [r.describe() for r in self.runs],
             "steps": list(self.steps),
             "reward": self.reward,
             "num_samples": self.num_samples,
             "seed": self.seed,
+            "prompts": list(self.prompts),
+            "baseline": self.baseline,
+            "layout": self.layout,
+            "settings": _records(self.settings),
             "table": _records(self.table),
+            "paired": _records(self.paired),
         }
 
     def table_wide(self) -> pd.DataFrame:
-        """The table in the paper's Table 3 layout: one row per model (base, A, B), and for each step
+        """The table in the paper's Table 3 layout: one row per model (base, A, B...), and for each step
         count a reward column and an inflation (%) column."""
         names = {"base": "base", **{r.label: r.display for r in self.runs}}
         rows = []
@@ -154,19 +229,41 @@ class CompareResult:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def layout_frame(self, steps: Optional[int] = None) -> pd.DataFrame:
+        """The runs' settings joined with their inflation (fractions, with interval) and their reward
+        difference against the base, at ``steps`` (default: the first step count): what the curve or
+        grid plots."""
+        k = self.steps[0] if steps is None else steps
+        t = self.table[(self.table["steps"] == k) & (self.table["model"] != "base")]
+        frame = self.settings.merge(t, left_on="label", right_on="model")
+        frame["inflation"] = frame["inflation_pct"] / 100
+        frame["ci_low"] = frame["ci_low_pct"] / 100
+        frame["ci_high"] = frame["ci_high_pct"] / 100
+        from ngdiag.workflows.sweep import paired_interval
+
+        def of(model):
+            sub = self.rewards[(self.rewards["model"] == model) & (self.rewards["steps"] == k)].sort_values("sample")
+            return sub["reward"].to_numpy(float)
+
+        clusters = np.arange(self.num_samples) % max(1, len(self.prompts))
+        deltas = [paired_interval(of(label) - of("base"), clusters=clusters, confidence=self.confidence, seed=self.seed)
+                  for label in frame["label"]]
+        frame["reward_delta"], frame["reward_delta_low"], frame["reward_delta_high"] = (
+            [d[i] for d in deltas] for i in range(3))
+        return frame
+
     def report_context(self) -> dict:
         """The context of ``ngdiag.report.html.render_compare_report``.
 
-        ``runs``: ``[{"name", "metrics"}]`` (each run's metrics log as a DataFrame: ``iteration``,
-        ``reward_mean``, ``reward_std``, ``inflation``...); ``table``: one row per model and step
-        count (reward with its spread, inflation with its interval and verdict; :meth:`table_wide` has
-        the same numbers in the paper's Table 3 layout); ``ratio_curves``: per-step ratio curves
-        of the final checkpoints at the first step count; ``images``: one grid row per model and
-        step count; ``inflation``: the runs' final inflation per step count (fractions with their
-        interval), from which the report writes its conclusion; ``title``, ``notes``, ``config`` (the compare settings and the config keys in
-        which the runs differ) and ``versions``.
+        ``runs``: ``[{"name", "metrics"}]``; ``table``: one row per model and step count (reward with its
+        spread, inflation with its interval and verdict; :meth:`table_wide` has the same numbers in the
+        paper's Table 3 layout); ``paired``: the paired differences against the baseline; ``layout``:
+        the curve or grid (``{"kind", "keys", "frame"}``) when the runs differ in one or two settings;
+        ``ratio_curves``: per-step ratio curves at the first step count; ``images``: one grid row per
+        model and step count; ``inflation``: each run's inflation per step count (fractions with their
+        interval), from which the report writes its conclusion; ``title``, ``notes``, ``config`` and
+        ``versions``.
         """
-        from ngdiag.core.configs import config_diff
         from ngdiag.runs import versions
 
         names = {"base": "base", **{r.label: r.display for r in self.runs}}
@@ -198,30 +295,41 @@ class CompareResult:
              "ci_low": rec["ci_low_pct"] / 100, "ci_high": rec["ci_high_pct"] / 100, "confidence": self.confidence}
             for rec in _records(self.table) if rec["model"] != "base" and rec.get("inflation_pct") is not None
         ]
-        diffs = config_diff(self.runs[0].config.to_dict(), self.runs[1].config.to_dict(), skip=("output_dir",))
+        paired = [_paired_row(rec, names) for rec in _records(self.paired)]
+        layout = None
+        keys = [c for c in self.settings.columns if c != "label"]
+        if self.layout is not None:
+            layout = {"kind": self.layout, "keys": keys, "frame": self.layout_frame(), "steps": first}
+        settings = {r["label"]: ", ".join(f"{k} = {r[k]}" for k in keys) or "same settings" for r in _records(self.settings)}
+        level = f"{self.confidence:.0%}"
         notes = [
             f"Reward {self.reward}; {self.num_samples} samples per model and step count, prompt i mod "
-            f"{len(self.prompts)} and seed {self.seed} + i for every model (run A's prompts).",
-            "Inflation of a final checkpoint: exp(mean over samples of mean over steps of log ||v_theta|| / "
-            "||v_ref||) - 1, guided velocity on the checkpoint's own trajectory, with a bootstrap interval "
-            "over samples; the base is the reference (0 % by definition).",
+            f"{len(self.prompts)} and seed {self.seed} + i for every model. The base was sampled once per step count.",
+            "Inflation of a checkpoint: exp(mean over samples of mean over steps of log ||v_theta|| / "
+            "||v_ref||) - 1, guided velocity on the checkpoint's own trajectory, with a bootstrap interval; "
+            "the base is the reference (0 % by definition).",
+            f"Paired differences against {names.get(self.baseline, self.baseline)}: per sample (same prompt and "
+            f"seed), means with {level} percentile bootstrap intervals"
+            + (" over prompts (samples share prompts)." if self.num_samples > len(self.prompts) else " over samples."),
             "Training curves: inflation at the training points of each iteration (conditional velocity, "
             "forward-process states built from the rollouts), from each run's metrics log.",
-            f"Ratio curves: the final checkpoints at {first} steps.",
+            f"Ratio curves: the compared checkpoints at {first} steps.",
         ]
         return {
-            "title": f"ngdiag compare: {self.runs[0].name} vs {self.runs[1].name}",
+            "title": "ngdiag compare: " + " vs ".join(r.name for r in self.runs),
             "runs": [{"name": r.display, "metrics": r.metrics} for r in self.runs],
             "table": table,
+            "paired": paired,
+            "layout": layout,
             "inflation": inflation,
             "ratio_curves": curves,
             "images": images,
             "notes": notes,
             "config": {
                 "compare": {"steps": list(self.steps), "reward": self.reward, "num_samples": self.num_samples,
-                            "seed": self.seed},
-                "runs": {r.label: {"path": str(r.path), "checkpoint": str(r.checkpoint)} for r in self.runs},
-                "differences (A -> B)": diffs or ["none"],
+                            "seed": self.seed, "baseline": self.baseline},
+                "runs": {r.label: {"path": str(r.path), "checkpoint": str(r.checkpoint), "settings": settings[r.label]}
+                         for r in self.runs},
             },
             "versions": versions(),
         }
@@ -248,6 +356,24 @@ class CompareResult:
     def inputs(self) -> list:
         """``(label, path)`` of the folders the comparison reads (runs and base)."""
         return run_inputs(self.runs)
+
+
+def _paired_row(rec: dict, names: dict) -> dict:
+    def iv(m, lo, hi, digits=4):
+        if m is None:
+            return ""
+        bounds = "" if lo is None or hi is None else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        return f"{m:+.{digits}f}{bounds}"
+
+    row = {"model": names.get(rec["model"], rec["model"]), "steps": rec["steps"],
+           "norm ratio vs baseline − 1 (%)": iv(*(None if rec.get(k) is None else 100 * rec[k]
+                                                   for k in ("ratio_delta", "ratio_delta_low", "ratio_delta_high")), digits=2)}
+    if rec.get("reward_delta") is not None:
+        row["reward Δ"] = iv(rec["reward_delta"], rec.get("reward_delta_low"), rec.get("reward_delta_high"))
+    for key in rec:
+        if key.endswith("_delta") and key not in ("reward_delta", "ratio_delta"):
+            row[f"{key[:-6]} Δ"] = iv(rec[key], rec.get(f"{key}_low"), rec.get(f"{key}_high"))
+    return row
 
 
 def run_inputs(runs: Sequence[RunInfo]) -> list:
@@ -277,8 +403,10 @@ def _records(frame: pd.DataFrame) -> list:
     for row in frame.to_dict(orient="records"):
         clean = {}
         for k, v in row.items():
-            if isinstance(v, (np.integer,)):
+            if isinstance(v, np.integer):
                 v = int(v)
+            elif isinstance(v, np.bool_):
+                v = bool(v)
             elif isinstance(v, (np.floating, float)):
                 v = None if not math.isfinite(float(v)) else float(v)
             clean[k] = v
@@ -296,91 +424,114 @@ def _history(runs: Sequence[RunInfo]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).dropna(subset=["value"])
 
 
+def load_runs(paths: Sequence) -> list:
+    """:func:`load_run` of each path, labelled A, B, C... (at least two, all trained from one base)."""
+    if len(paths) < 2:
+        raise ConfigError(f"compare needs at least two runs or checkpoints, got {len(paths)}")
+    runs = [load_run(p, label) for p, label in zip(paths, _labels(len(paths)))]
+    bases = {str(Path(r.config.model.base)) for r in runs}
+    if len(bases) != 1:
+        raise ConfigError(f"the runs were trained from different bases ({', '.join(sorted(bases))}); compare runs of one base")
+    return runs
+
+
 def compare_runs(
-    run_a,
-    run_b,
-    *,
+    *runs,
     steps: Sequence[int] = (28, 10, 4),
     reward: Optional[str] = None,
+    prompts: Optional[Sequence[str]] = None,
     num_samples: int = 8,
     guidance_scale: Optional[float] = None,
     seed: int = 0,
     batch_size: int = 4,
     grid_size: int = 4,
+    baseline: str = "base",
     device="cpu",
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> CompareResult:
-    """Compare two run folders (see the module docstring).
+    """Compare run folders or checkpoints (see the module docstring).
 
     Args:
-        run_a, run_b: training run folders (``config.yaml``, ``metrics.jsonl``, ``checkpoint-N``).
+        runs: two or more training run folders (``config.yaml``, ``metrics.jsonl``, ``checkpoint-N``) or
+            ``checkpoint-N`` folders inside them, labelled A, B, C... in this order (one list also works).
         steps: sampling step counts of the few-step ablation.
         reward: reward spec; default: run A's training reward.
+        prompts: the prompts (e.g. held out from training); default: run A's training prompts.
         num_samples: samples per model and step count (the bootstrap unit of the inflation).
         guidance_scale: default: run A's sampling guidance.
-        seed: sample ``i`` uses seed ``seed + i`` and prompt ``i mod len(prompts)`` (run A's prompts).
+        seed: sample ``i`` uses seed ``seed + i`` and prompt ``i mod len(prompts)``.
         batch_size, grid_size: audit batch size and number of images per grid.
+        baseline: ``"base"`` or a run's label (``"A"``): what the paired differences are taken against.
         device: where the models run.
-        progress: ``f(done, total)`` after each audit (``2 * len(steps)`` audits).
+        progress: ``f(done, total)`` after each audit (``len(runs) * len(steps)`` audits).
 
     Returns:
-        A :class:`CompareResult`. Its ``table`` has one row per model (``base``, ``A``, ``B``) and step
+        A :class:`CompareResult`. Its ``table`` has one row per model (``base``, ``A``, ``B``...) and step
         count with ``reward_mean``, ``reward_std``, ``inflation_pct`` (``100 x inflation``, 0 for the
-        base by definition), ``ci_low_pct``, ``ci_high_pct`` and ``verdict``.
+        base by definition), ``ci_low_pct``, ``ci_high_pct`` and ``verdict``. Its ``paired`` table has
+        one row per model other than the baseline and step count: ``ratio_delta`` (``exp(mean_i (l_i -
+        l_i^baseline)) - 1``, the norm ratio against the baseline's, per-sample log-ratios ``l_i``),
+        ``reward_delta`` and ``M_delta`` for every quality measure ``M``, each with ``_low`` / ``_high``.
 
     Raises:
         ConfigError: a folder that is not a run, runs trained from different bases, bad settings.
     """
-    from ngdiag.workflows.audit import AuditConfig, run_audit
     from ngdiag.models.loading import load_checkpoint
+    from ngdiag.quality import MEASURES
     from ngdiag.train.config import check_reward_spec
+    from ngdiag.workflows.audit import AuditConfig, run_audit
+    from ngdiag.workflows.sweep import paired_interval
 
+    if len(runs) == 1 and isinstance(runs[0], (list, tuple)):
+        runs = tuple(runs[0])
     steps = [int(s) for s in steps]
     if not steps or any(s < 1 for s in steps):
         raise ConfigError(f"steps must be positive step counts, got {steps}")
     if int(num_samples) < 2:
         raise ConfigError(f"compare needs at least 2 samples per model for an interval, got {num_samples}")
-    runs = [load_run(run_a, "A"), load_run(run_b, "B")]
-    bases = {str(Path(r.config.model.base)) for r in runs}
-    if len(bases) != 1:
-        raise ConfigError(f"the runs were trained from different bases ({', '.join(sorted(bases))}); compare runs of one base")
-    base = bases.pop()
-    spec = reward or runs[0].config.reward
+    infos = runs if runs and all(isinstance(r, RunInfo) for r in runs) else load_runs(runs)
+    labels = [r.label for r in infos]
+    if baseline != "base" and baseline not in labels:
+        raise ConfigError(f"the baseline must be 'base' or one of the runs' labels ({', '.join(labels)}), got {baseline!r}")
+    base = str(Path(infos[0].config.model.base))
+    spec = reward or infos[0].config.reward
     check_reward_spec(spec)
-    cfg = runs[0].config
-    prompts = cfg.rollouts.load_prompts()
+    cfg = infos[0].config
+    prompts = list(prompts) if prompts else cfg.rollouts.load_prompts()
+    if not prompts:
+        raise ConfigError("compare needs at least one prompt")
     guidance = cfg.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
 
-    per_step, rewards, rows = [], [], []
+    per_step, rewards, rows, quality = [], [], [], []
+    log_ratios: Dict[tuple, np.ndarray] = {}
     images: Dict[str, dict] = {}
-    total, done = 2 * len(steps), 0
+    total, done = len(infos) * len(steps), 0
     base_rows: Dict[int, dict] = {}
-    for run in runs:
+    for index, run in enumerate(infos):
         ckpt = load_checkpoint(run.checkpoint, base, device=device)
         for k in steps:
             sampling = dataclasses.replace(cfg.sampling, num_steps=k, guidance_scale=guidance)
             audit = AuditConfig(prompts=prompts, num_samples=int(num_samples), sampling=sampling, seed=int(seed),
-                                batch_size=int(batch_size), reward=spec, grid_size=int(grid_size))
+                                batch_size=int(batch_size), reward=spec, grid_size=int(grid_size), sample_base=index == 0)
             result = run_audit(ckpt, audit, report=False)
             guided = result.per_step[result.per_step["call"] == "guided"]
             frame = guided[["step", "t", "mean_ratio", "ci_low", "ci_high"]].copy()
             frame.insert(0, "steps", k)
             frame.insert(0, "model", run.label)
             per_step.append(frame)
-            scores = result.rewards
+            log_ratios[(run.label, k)] = result.per_sample.sort_values("sample")["log_ratio"].to_numpy(float)
             for model_key, name in (("rl", run.label), ("base", "base")):
-                sub = scores[scores["model"] == model_key]
-                if name == "base" and k in base_rows:
+                sub = result.rewards[result.rewards["model"] == model_key]
+                if sub.empty:
                     continue
                 rewards.append(pd.DataFrame({"model": name, "steps": k, "sample": sub["sample"].to_numpy(),
                                              "reward": sub["reward"].to_numpy()}))
+                q = result.quality[result.quality["model"] == model_key].copy()
+                q["model"], q["steps"] = name, k
+                quality.append(q)
                 values = sub["reward"].to_numpy(dtype=float)
-                row = {
-                    "model": name,
-                    "steps": k,
-                    "reward_mean": float(values.mean()),
-                    "reward_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                }
+                row = {"model": name, "steps": k, "reward_mean": float(values.mean()),
+                       "reward_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
                 if name == "base":
                     row.update({"inflation_pct": 0.0, "ci_low_pct": 0.0, "ci_high_pct": 0.0, "verdict": "reference"})
                     base_rows[k] = row
@@ -396,12 +547,36 @@ def compare_runs(
             if progress is not None:
                 progress(done, total)
         del ckpt
-    order = {"base": 0, "A": 1, "B": 2}
+    order = {"base": -1, **{label: i for i, label in enumerate(labels)}}
     table = pd.DataFrame(list(base_rows.values()) + rows)
     table = table.sort_values(by=["steps", "model"], key=lambda c: c.map(order) if c.name == "model" else -c,
                               ignore_index=True)
+    rewards = pd.concat(rewards, ignore_index=True)
+    quality = pd.concat(quality, ignore_index=True)
+    clusters = np.arange(int(num_samples)) % len(prompts)
+
+    def per_sample(frame: pd.DataFrame, model: str, k: int, column: str) -> np.ndarray:
+        sub = frame[(frame["model"] == model) & (frame["steps"] == k)].sort_values("sample")
+        return sub[column].to_numpy(float)
+
+    paired = []
+    for k in steps:
+        for model in ("base", *labels):
+            if model == baseline:
+                continue
+            row = {"model": model, "steps": k, "baseline": baseline}
+            mine = log_ratios.get((model, k), np.zeros(int(num_samples)))
+            theirs = log_ratios.get((baseline, k), np.zeros(int(num_samples)))
+            m, lo, hi = paired_interval(mine - theirs, clusters=clusters, confidence=0.95, seed=int(seed))
+            row.update({"ratio_delta": math.expm1(m), "ratio_delta_low": math.expm1(lo), "ratio_delta_high": math.expm1(hi)})
+            for column, frame, key in (("reward", rewards, "reward"), *((c, quality, c) for c in MEASURES)):
+                m, lo, hi = paired_interval(per_sample(frame, model, k, column) - per_sample(frame, baseline, k, column),
+                                            clusters=clusters, confidence=0.95, seed=int(seed))
+                row.update({f"{key}_delta": m, f"{key}_delta_low": lo, f"{key}_delta_high": hi})
+            paired.append(row)
     return CompareResult(
-        runs=runs, steps=steps, reward=spec, history=_history(runs), per_step=pd.concat(per_step, ignore_index=True),
-        rewards=pd.concat(rewards, ignore_index=True), table=table, images=images, prompts=prompts,
-        num_samples=int(num_samples), seed=int(seed), confidence=float(audit.confidence),
+        runs=list(infos), steps=steps, reward=spec, history=_history(infos), per_step=pd.concat(per_step, ignore_index=True),
+        rewards=rewards, table=table, paired=pd.DataFrame(paired), settings=varying_settings(infos), baseline=baseline,
+        images=images, prompts=prompts, num_samples=int(num_samples), seed=int(seed), confidence=float(audit.confidence),
+        quality=quality,
     )
