@@ -7,7 +7,12 @@ resamples samples, never steps:
 - per-sample log-ratio ``l_i = mean_k log r_ik``;
 - inflation ``exp(mean_i l_i) - 1``, a fraction (x100 for percent);
 - its confidence interval: a seeded bootstrap over samples of ``mean_i l_i`` (BCa or percentile),
-  mapped through ``exp(.) - 1``;
+  mapped through ``exp(.) - 1``; when samples share prompts, a cluster bootstrap over prompts
+  (:func:`bootstrap_mean_interval` with ``clusters``: whole prompts are resampled, percentile);
+- ``differs_from_zero``: the interval excludes 0;
+- the t-weighted inflation ``exp(mean_i lw_i) - 1`` with ``lw_i = sum_k dt_k log r_ik / sum_k dt_k`` and
+  ``dt_k = |t_k - t_{k+1}|`` (an approximation of the integral of ``log r`` over ``t``, so that audits with
+  different step counts compare like with like), with its own interval over the same unit;
 - verdict with tolerance ``tol``: ``inflated`` if CI low > tol, ``deflated`` if CI high < -tol,
   ``no-inflation`` if the CI lies inside ``[-tol, tol]``, ``inconclusive`` otherwise;
 - per-step curves: mean and percentile-bootstrap CI of ``r_ik`` over samples at each step.
@@ -27,6 +32,7 @@ import inspect
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -38,7 +44,10 @@ __all__ = [
     "VERDICTS",
     "per_sample_log_ratio",
     "verdict_for",
+    "bootstrap_mean_interval",
+    "bootstrap_unit",
     "InflationSummary",
+    "step_weights",
     "inflation_summary",
     "per_step_summary",
 ]
@@ -116,6 +125,121 @@ def _bootstrap_mean_ci(
     return np.asarray(res.confidence_interval.low, float), np.asarray(res.confidence_interval.high, float)
 
 
+def _check_values(values, name: str = "values") -> np.ndarray:
+    v = _to_numpy(values, name)
+    if v.ndim != 1 or v.shape[0] < 2:
+        raise ConfigError(f"{name} must be a 1-D array of at least 2 numbers (the bootstrap resamples them), got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise NumericalError(f"{name} has non-finite values at {_index_list(np.nonzero(~np.isfinite(v))[0])}")
+    return v
+
+
+def _cluster_codes(clusters, n: int) -> tuple[np.ndarray, int]:
+    """Cluster labels (any numbers or strings, one per value) as codes ``0..G-1`` and ``G``."""
+    c = np.asarray(clusters.detach().cpu().numpy() if hasattr(clusters, "detach") else clusters)
+    if c.shape != (n,):
+        raise ConfigError(f"clusters must give one label per value, shape ({n},), got {c.shape}")
+    try:
+        labels, codes = np.unique(c, return_inverse=True)
+    except TypeError:
+        raise ConfigError("clusters must be labels of one type (numbers or strings)") from None
+    return codes.reshape(n), len(labels)
+
+
+def bootstrap_unit(clusters, num_values: int) -> tuple[str, int]:
+    """What :func:`bootstrap_mean_interval` resamples for these ``clusters``: ``(unit, num_clusters)``.
+
+    ``unit`` is ``"prompts"`` when there are at least 2 distinct clusters and fewer than ``num_values``
+    (some values share a cluster: the cluster bootstrap), else ``"samples"``. ``num_clusters`` is the
+    number of distinct clusters (``num_values`` when ``clusters`` is ``None``).
+    """
+    if clusters is None:
+        return "samples", int(num_values)
+    _, g = _cluster_codes(clusters, int(num_values))
+    return ("prompts" if 2 <= g < num_values else "samples"), int(g)
+
+
+def _cluster_percentile(v: np.ndarray, codes: np.ndarray, g: int, *, confidence: float, n_resamples: int,
+                        seed: int) -> tuple[float, float]:
+    """Percentile interval of the mean from resampling whole clusters with replacement (vectorised)."""
+    sums = np.bincount(codes, weights=v, minlength=g)
+    counts = np.bincount(codes, minlength=g).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(n_resamples, _BATCH_ELEMENTS // g))
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, batch):  # a few batches at most, each one vectorised
+        idx = rng.integers(0, g, size=(min(batch, n_resamples - start), g))
+        means[start:start + len(idx)] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.percentile(means, [100.0 * alpha, 100.0 * (1.0 - alpha)])
+    return float(low), float(high)
+
+
+def bootstrap_mean_interval(
+    values,
+    *,
+    clusters=None,
+    confidence: float = 0.95,
+    method: str = "BCa",
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, str]:
+    """Seeded bootstrap confidence interval of ``mean(values)``: ``(low, high, method_used)``.
+
+    Without ``clusters`` (or when every value is its own cluster) this is ``scipy.stats.bootstrap`` of
+    the mean over values, with ``np.random.default_rng(seed)``: BCa, or percentile when asked for or
+    when BCa is undefined (``method_used`` says which). With ``clusters`` (one label per value, e.g.
+    each sample's prompt) and at least 2 but fewer distinct clusters than values, it is a cluster
+    bootstrap: each resample draws ``G`` clusters with replacement from the ``G`` clusters and takes
+    the mean of all the values of the drawn clusters, ``sum_j S_{c_j} / sum_j n_{c_j}`` (cluster sums
+    ``S_c``, sizes ``n_c``); the interval is the percentile interval of those means. scipy's BCa has no
+    cluster form, so ``method_used`` is then ``"percentile"`` whatever ``method`` asks. A single
+    cluster leaves nothing to resample across clusters: the values are resampled (check with
+    :func:`bootstrap_unit`). All values equal give ``(mean, mean, "degenerate")``.
+
+    Args:
+        values: 1-D array-like of at least 2 finite numbers (e.g. per-sample log-ratios).
+        clusters: optional labels, one per value (numbers or strings).
+        confidence: confidence level in (0, 1).
+        method: ``"BCa"`` or ``"percentile"`` (case-insensitive).
+        n_resamples: bootstrap resamples.
+        seed: the same seed gives the same interval.
+
+    Raises:
+        ConfigError: fewer than 2 values, clusters of the wrong shape, or an invalid option.
+        NumericalError: a non-finite value, or a non-finite interval.
+
+    Example:
+        >>> import numpy as np
+        >>> lo, hi, used = bootstrap_mean_interval(np.repeat([0.0, 1.0, 2.0, 3.0], 3), clusters=np.repeat(range(4), 3))
+        >>> used, lo <= 1.5 <= hi
+        ('percentile', True)
+    """
+    key = str(method).lower()
+    if key not in _METHODS:
+        raise ConfigError(f"method must be 'BCa' or 'percentile', got {method!r}")
+    confidence = _check_confidence(confidence)
+    n_resamples = _check_resamples(n_resamples)
+    v = _check_values(values)
+    codes, g = (None, len(v)) if clusters is None else _cluster_codes(clusters, len(v))
+    if np.all(v == v[0]):
+        mean = float(v.mean())
+        return mean, mean, "degenerate"
+    if 2 <= g < len(v):
+        lo, hi = _cluster_percentile(v, codes, g, confidence=confidence, n_resamples=n_resamples, seed=seed)
+        used = "percentile"
+    else:
+        used = _METHODS[key]
+        kw = dict(confidence=confidence, n_resamples=n_resamples, seed=seed)
+        lo, hi = _bootstrap_mean_ci(v, method=used, **kw)
+        if used == "BCa" and not (np.isfinite(lo) and np.isfinite(hi)):
+            used = "percentile"
+            lo, hi = _bootstrap_mean_ci(v, method=used, **kw)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise NumericalError("the bootstrap confidence interval of the mean is not finite")
+    return float(lo), float(hi), used
+
+
 def per_sample_log_ratio(ratios) -> np.ndarray:
     """Per-sample log-ratio ``l_i = mean_k log r_ik`` (CONVENTIONS "Inflation summary and verdict").
 
@@ -169,11 +293,20 @@ class InflationSummary:
         confidence: confidence level of the interval, e.g. 0.95.
         tolerance: the verdict's tolerance, a fraction.
         verdict: one of :data:`VERDICTS`, from :func:`verdict_for`.
-        num_samples: number of samples (the bootstrap unit).
+        num_samples: number of samples.
         num_steps: number of sampling steps averaged in each ``l_i``.
-        method: how the interval was obtained: ``"BCa"``, ``"percentile"`` (asked for, or the fallback
-            when BCa is undefined), or ``"degenerate"`` when all ``l_i`` are equal and the interval is
-            the single value ``[value, value]``.
+        method: how the interval was obtained: ``"BCa"``, ``"percentile"`` (asked for, the fallback
+            when BCa is undefined, or always for the cluster bootstrap), or ``"degenerate"`` when all
+            ``l_i`` are equal and the interval is the single value ``[value, value]``.
+        interval_unit: what the bootstrap resampled: ``"samples"``, or ``"prompts"`` (the cluster
+            bootstrap, when samples share prompts).
+        num_clusters: number of distinct prompts (clusters) given; ``num_samples`` when none were.
+        differs_from_zero: the interval excludes 0 (``ci_low > 0`` or ``ci_high < 0``); set from the
+            interval when not given.
+        t_weighted_value: the t-weighted inflation ``exp(mean_i lw_i) - 1``, ``lw_i = sum_k dt_k log r_ik
+            / sum_k dt_k`` with ``dt_k = |t_k - t_{k+1}|``; ``None`` without step times.
+        t_weighted_ci_low, t_weighted_ci_high, t_weighted_method: its interval (same unit, seed and
+            settings) and how it was obtained.
     """
 
     value: float
@@ -185,9 +318,20 @@ class InflationSummary:
     num_samples: int
     num_steps: int
     method: str
+    interval_unit: str = "samples"
+    num_clusters: Optional[int] = None
+    differs_from_zero: Optional[bool] = None
+    t_weighted_value: Optional[float] = None
+    t_weighted_ci_low: Optional[float] = None
+    t_weighted_ci_high: Optional[float] = None
+    t_weighted_method: Optional[str] = None
+
+    def __post_init__(self):
+        if self.differs_from_zero is None:
+            object.__setattr__(self, "differs_from_zero", bool(self.ci_low > 0 or self.ci_high < 0))
 
     def to_dict(self) -> dict:
-        """JSON-safe dict of Python floats, ints and strings."""
+        """JSON-safe dict of Python floats, ints, bools, strings and ``None``."""
         return asdict(self)
 
     def to_frame(self) -> pd.DataFrame:
@@ -195,10 +339,40 @@ class InflationSummary:
         return pd.DataFrame([self.to_dict()])
 
     def __str__(self) -> str:
-        return (
+        unit = f", over {self.num_clusters} prompts" if self.interval_unit == "prompts" else ""
+        text = (
             f"inflation {self.value:+.2%} ({self.confidence:.0%} CI {self.ci_low:+.2%} to {self.ci_high:+.2%}, "
-            f"{self.method}, {self.num_samples} samples x {self.num_steps} steps): {self.verdict}"
+            f"{self.method}{unit}, {self.num_samples} samples x {self.num_steps} steps): {self.verdict}"
         )
+        if self.t_weighted_value is not None:
+            text += (f"; t-weighted {self.t_weighted_value:+.2%} "
+                     f"(CI {self.t_weighted_ci_low:+.2%} to {self.t_weighted_ci_high:+.2%})")
+        return text
+
+
+def step_weights(times, num_steps: int) -> np.ndarray:
+    """Step sizes ``dt_k = |t_k - t_{k+1}|`` of ``num_steps`` steps, normalised to sum to 1.
+
+    ``times`` is either the grid ``t_0 .. t_K`` (shape ``(num_steps + 1,)``) or the time of each step
+    ``t_0 .. t_{K-1}`` (shape ``(num_steps,)``), whose last step then ends at ``t_K = 0`` (CONVENTIONS
+    "Time": sampling ends at data).
+
+    Raises:
+        ConfigError: a shape that fits neither, or step sizes that sum to 0.
+        NumericalError: a non-finite time.
+    """
+    t = _to_numpy(times, "times")
+    if t.shape == (num_steps,):
+        t = np.append(t, 0.0)
+    if t.shape != (num_steps + 1,):
+        raise ConfigError(f"times must have shape (steps + 1,) = ({num_steps + 1},) (the grid) or (steps,) = "
+                          f"({num_steps},) (each step's t, the last step ending at 0), got {t.shape}")
+    if not np.isfinite(t).all():
+        raise NumericalError(f"times has non-finite values at {_index_list(np.nonzero(~np.isfinite(t))[0])}")
+    dt = np.abs(np.diff(t))
+    if not dt.sum() > 0:
+        raise ConfigError("times must span a non-empty interval: every step size |t_k - t_{k+1}| is 0")
+    return dt / dt.sum()
 
 
 def inflation_summary(
@@ -209,13 +383,18 @@ def inflation_summary(
     method: str = "BCa",
     n_resamples: int = 2000,
     seed: int = 0,
+    clusters=None,
+    times=None,
 ) -> InflationSummary:
-    """Inflation, its bootstrap CI over samples and the verdict (CONVENTIONS "Inflation summary and verdict").
+    """Inflation, its bootstrap CI and the verdict (CONVENTIONS "Inflation summary and verdict").
 
     ``l_i = mean_k log r_ik``; inflation ``= exp(mean_i l_i) - 1``; the CI is
-    ``scipy.stats.bootstrap`` of ``mean_i l_i`` over samples, seeded with
-    ``np.random.default_rng(seed)``, mapped through ``exp(.) - 1``. All ``l_i`` equal gives the exact
-    interval ``[value, value]``; a NaN BCa interval (degenerate resamples) falls back to percentile.
+    :func:`bootstrap_mean_interval` of the ``l_i``, seeded with ``np.random.default_rng(seed)``, mapped
+    through ``exp(.) - 1``: ``scipy.stats.bootstrap`` over samples, or, when ``clusters`` says that
+    samples share prompts, the cluster bootstrap over prompts (percentile). All ``l_i`` equal gives the
+    exact interval ``[value, value]``; a NaN BCa interval (degenerate resamples) falls back to percentile.
+    With ``times`` the t-weighted inflation ``exp(mean_i lw_i) - 1``, ``lw_i = sum_k w_k log r_ik`` with
+    ``w_k = dt_k / sum_j dt_j`` (:func:`step_weights`), gets its own interval the same way.
 
     Args:
         ratios: ``r_ik``, shape ``(steps, samples)``, all finite and > 0.
@@ -224,6 +403,8 @@ def inflation_summary(
         method: ``"BCa"`` or ``"percentile"`` (case-insensitive).
         n_resamples: bootstrap resamples.
         seed: bootstrap seed; the same seed gives the same interval.
+        clusters: optional label of each sample's prompt, shape ``(samples,)``.
+        times: optional step times: the grid ``(steps + 1,)`` or each step's ``t_k`` ``(steps,)``.
 
     Raises:
         ConfigError: fewer than 2 samples, or an invalid option.
@@ -243,23 +424,23 @@ def inflation_summary(
         raise ConfigError(
             f"an inflation summary needs at least 2 samples (the bootstrap resamples samples), got {num_samples}"
         )
+    unit, num_clusters = bootstrap_unit(clusters, num_samples)
+    weights = None if times is None else step_weights(times, num_steps)
+    kw = dict(clusters=clusters, confidence=confidence, method=method, n_resamples=n_resamples, seed=seed)
 
-    log_r = np.log(r).mean(axis=0)
-    mean_log = float(log_r.mean())
-    value = float(np.expm1(mean_log))
-    if np.all(log_r == log_r[0]):
-        lo = hi = value
-        used = "degenerate"
-    else:
-        used = _METHODS[key]
-        kw = dict(confidence=confidence, n_resamples=n_resamples, seed=seed)
-        lo_log, hi_log = _bootstrap_mean_ci(log_r, method=used, **kw)
-        if used == "BCa" and not (np.isfinite(lo_log) and np.isfinite(hi_log)):
-            used = "percentile"
-            lo_log, hi_log = _bootstrap_mean_ci(log_r, method=used, **kw)
-        if not (np.isfinite(lo_log) and np.isfinite(hi_log)):
-            raise NumericalError("the bootstrap confidence interval of the inflation is not finite")
-        lo, hi = float(np.expm1(lo_log)), float(np.expm1(hi_log))
+    log_r = np.log(r)
+    per_sample = log_r.mean(axis=0)
+    value = float(np.expm1(per_sample.mean()))
+    lo_log, hi_log, used = bootstrap_mean_interval(per_sample, **kw)
+    lo, hi = (value, value) if used == "degenerate" else (float(np.expm1(lo_log)), float(np.expm1(hi_log)))
+    tw = {}
+    if weights is not None:
+        weighted = (log_r * weights[:, None]).sum(axis=0)
+        tw_value = float(np.expm1(weighted.mean()))
+        tw_lo, tw_hi, tw_used = bootstrap_mean_interval(weighted, **kw)
+        tw = dict(t_weighted_value=tw_value, t_weighted_method=tw_used,
+                  t_weighted_ci_low=tw_value if tw_used == "degenerate" else float(np.expm1(tw_lo)),
+                  t_weighted_ci_high=tw_value if tw_used == "degenerate" else float(np.expm1(tw_hi)))
     return InflationSummary(
         value=value,
         ci_low=lo,
@@ -270,6 +451,9 @@ def inflation_summary(
         num_samples=int(num_samples),
         num_steps=int(num_steps),
         method=used,
+        interval_unit=unit,
+        num_clusters=num_clusters,
+        **tw,
     )
 
 

@@ -117,9 +117,11 @@ def test_exactly_no_effect_gives_zero_width_interval():
     assert d == {
         "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "confidence": 0.95, "tolerance": 0.01,
         "verdict": "no-inflation", "num_samples": 16, "num_steps": 8, "method": "degenerate",
+        "interval_unit": "samples", "num_clusters": 16, "differs_from_zero": False, "t_weighted_value": None,
+        "t_weighted_ci_low": None, "t_weighted_ci_high": None, "t_weighted_method": None,
     }
     frame = s.to_frame()
-    assert isinstance(frame, pd.DataFrame) and frame.shape == (1, 9)
+    assert isinstance(frame, pd.DataFrame) and frame.shape == (1, 16)
     assert frame.loc[0, "verdict"] == "no-inflation"
 
 
