@@ -62,7 +62,8 @@ class AuditConfig(SampleSet):
         renorm_on: ``"guided"`` or ``"cond"``.
         reward: a reward spec (``ngdiag.rewards.scorers.load_reward``) scoring base, RL and
             RL+renorm images (the paper's Table 1 row).
-        tolerance, confidence, bootstrap, n_resamples: the verdict's statistics.
+        tolerance, confidence, bootstrap, n_resamples: the verdict's statistics (``bootstrap`` is
+            ``"BCa"`` or ``"percentile"``; the cluster bootstrap over prompts is always percentile).
         grid_size: how many samples appear in the report's image grid.
         fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
             (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster, and
