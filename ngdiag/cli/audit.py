@@ -34,9 +34,15 @@ def format_human(summary: dict) -> str:
         + (f", guidance {sampling['guidance_scale']:g}" if sampling.get("guidance_scale") is not None else "")
         + (f", {sampling['height']}x{sampling['width']}" if sampling.get("height") else ""),
         f"inflation  : {pct(inf['value'])}  [{pct(inf['ci_low'])}, {pct(inf['ci_high'])}] "
-        f"({100 * inf['confidence']:.0f} % CI, tolerance ±{100 * inf['tolerance']:.1f} %)",
-        f"verdict    : {summary['verdict']}",
+        f"({100 * inf['confidence']:.0f} % CI"
+        + (f" over {inf['num_clusters']} prompts" if inf.get("interval_unit") == "prompts" else "")
+        + f", tolerance ±{100 * inf['tolerance']:.1f} %)",
     ]
+    tw = inf.get("t_weighted") or {}
+    if tw.get("value") is not None:
+        lines.append(f"t-weighted : {pct(tw['value'])}  [{pct(tw['ci_low'])}, {pct(tw['ci_high'])}] "
+                     "(log-ratio weighted by step size |dt|)")
+    lines.append(f"verdict    : {summary['verdict']}")
     if "reward" in summary:
         lines.append(f"reward     : {summary['reward'].get('name')}")
         for row in summary["reward"]["rows"]:

@@ -4,7 +4,9 @@
 prompt ``i mod len(prompts)``, seed ``seed + i``), evaluates the reference at every
 ``(x_t, t, c)`` on the way, and summarises the per-sample log-ratio ``l_i = mean_k log r_ik`` of
 the guided velocity into an inflation ``exp(mean_i l_i) - 1`` with a seeded bootstrap interval
-and a verdict (CONVENTIONS "Inflation summary and verdict").
+(over prompts when samples share prompts: :func:`prompt_clusters`), a verdict (CONVENTIONS
+"Inflation summary and verdict") and the t-weighted inflation (each step's log-ratio weighted by
+its step size ``|t_k - t_{k+1}|``).
 
 With an output folder the audit is durable (:mod:`ngdiag.runs`, through :class:`AuditWorkflow`):
 each batch's records are written atomically to ``parts/`` as soon as the batch is done, a rerun
@@ -52,14 +54,16 @@ class AuditConfig(SampleSet):
 
     Attributes:
         prompts, num_samples, sampling, seed, batch_size: see :class:`ngdiag.models.generation.SampleSet`;
-            ``num_samples`` is the bootstrap unit, ``seed`` also seeds the bootstrap.
+            ``num_samples`` is the bootstrap unit when each sample has its own prompt, the prompts
+            are when samples share prompts (``num_samples > len(prompts)``); ``seed`` also seeds the bootstrap.
         trajectory: ``"theta"`` (default) or ``"ref"``: whose trajectory the norms are taken on.
         renorm: also sample theta with RL renormalization (eq. 3) and the reference's own
             trajectory, and compare them.
         renorm_on: ``"guided"`` or ``"cond"``.
         reward: a reward spec (``ngdiag.rewards.scorers.load_reward``) scoring base, RL and
             RL+renorm images (the paper's Table 1 row).
-        tolerance, confidence, bootstrap, n_resamples: the verdict's statistics.
+        tolerance, confidence, bootstrap, n_resamples: the verdict's statistics (``bootstrap`` is
+            ``"BCa"`` or ``"percentile"``; the cluster bootstrap over prompts is always percentile).
         grid_size: how many samples appear in the report's image grid.
         fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
             (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster, and
@@ -159,6 +163,15 @@ class AuditResult:
                 "confidence": self.inflation.confidence,
                 "tolerance": self.inflation.tolerance,
                 "method": self.inflation.method,
+                "interval_unit": self.inflation.interval_unit,
+                "num_clusters": self.inflation.num_clusters,
+                "differs_from_zero": self.inflation.differs_from_zero,
+                "t_weighted": {
+                    "value": self.inflation.t_weighted_value,
+                    "ci_low": self.inflation.t_weighted_ci_low,
+                    "ci_high": self.inflation.t_weighted_ci_high,
+                    "method": self.inflation.t_weighted_method,
+                },
             },
             "per_step": per_step,
             "num_samples": int(self.record.num_samples),
@@ -329,6 +342,16 @@ class _BatchRunner:
 
 
 
+def prompt_clusters(config: AuditConfig, sample_ids) -> np.ndarray:
+    """Each sample's prompt as a cluster label for the bootstrap: the index of the first occurrence of
+    its prompt text in ``config.prompts`` (sample ``i`` uses prompt ``i mod len(prompts)``; a prompt
+    listed twice is one cluster)."""
+    first = {}
+    for j, p in enumerate(config.prompts):
+        first.setdefault(p, j)
+    return np.asarray([first[config.prompt_of(int(i))] for i in sample_ids], dtype=np.int64)
+
+
 def _grid_images(parts: list, grid_size: int) -> dict:
     """The image grid in sample order, whatever order the parts come in (shards, resumes)."""
     if not parts:
@@ -346,7 +369,9 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
         raise ConfigError(f"the audit is incomplete: {config.num_samples - record.num_samples} samples are missing")
     ratios = record.metric("ratio", "guided")
     inflation = inflation_summary(ratios, confidence=config.confidence, tolerance=config.tolerance,
-                                  method=config.bootstrap, n_resamples=config.n_resamples, seed=config.seed)
+                                  method=config.bootstrap, n_resamples=config.n_resamples, seed=config.seed,
+                                  clusters=prompt_clusters(config, record.sample_ids),
+                                  times=np.append(record.times, record.t_next[-1:]))
     frames = []
     for call in record.calls:
         frame = per_step_summary(record.metric("ratio", call), record.times, cos=record.metric("cos", call),
