@@ -301,13 +301,13 @@ def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
             "ci_low": inf.ci_low,
             "ci_high": inf.ci_high,
             "verdict": inf.verdict,
-            "differs_from_zero": bool(inf.ci_low > 0 or inf.ci_high < 0),
+            "differs_from_zero": bool(inf.differs_from_zero),
             "above_threshold": bool(inf.ci_low > threshold),
-            "interval_unit": getattr(inf, "interval_unit", "samples"),
+            "interval_unit": inf.interval_unit,
+            "inflation_t_weighted": inf.t_weighted_value,
+            "t_weighted_ci_low": inf.t_weighted_ci_low,
+            "t_weighted_ci_high": inf.t_weighted_ci_high,
         }
-        t_weighted = getattr(inf, "t_weighted", None)
-        if t_weighted is not None:
-            row["inflation_t_weighted"] = getattr(t_weighted, "value", t_weighted)
         seed = int(a.config.seed)
         clusters = np.arange(a.config.num_samples) % len(a.config.prompts)  # sample i uses prompt i mod P
         if base_rewards is not None and a.rewards is not None:
