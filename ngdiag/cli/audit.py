@@ -47,6 +47,9 @@ def format_human(summary: dict) -> str:
         lines.append(f"reward     : {summary['reward'].get('name')}")
         for row in summary["reward"]["rows"]:
             lines.append(f"  {row['model']:<10}: {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']})")
+        for name, scale in (summary["reward"].get("scales") or {}).items():
+            lines.append(f"  on the {name} scale (x{scale['factor']:.6g}): " + ", ".join(
+                f"{row['model']} {row['mean']:.4f} ± {row['std']:.4f}" for row in scale["rows"]))
     if "renorm" in summary:
         r = summary["renorm"]
         for key in ("rl_relative_distance_to_base_mean", "rl_renorm_relative_distance_to_base_mean"):

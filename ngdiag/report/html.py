@@ -229,7 +229,7 @@ def _reward_table(reward: Mapping) -> dict:
     table_rows = [{"model": str(r.get("model")), "mean": _num(r.get("mean")), "std": _num(r.get("std")),
                    "n": _num(r.get("n"))} for r in rows]
 
-    def stderr_of_difference(a: str, b: str) -> str:
+    def stderr_of_difference(a: str, b: str, factor: float) -> str:
         ra, rb = by_model.get(a), by_model.get(b)
         if not ra or not rb:
             return "n/a"
@@ -237,25 +237,41 @@ def _reward_table(reward: Mapping) -> dict:
             se = math.sqrt(float(ra["std"]) ** 2 / float(ra["n"]) + float(rb["std"]) ** 2 / float(rb["n"]))
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             return "n/a"
-        return _num(se)
+        return _num(abs(factor) * se)
 
-    deltas = []
-    for key, label, a, b in (("delta_rl_minus_base", "RL − base", "rl", "base"),
-                             ("delta_renorm_minus_rl", "RL+renorm − RL", "rl+renorm", "rl")):
-        if reward.get(key) is not None:
-            paired_std, n = reward.get(f"{key}_std"), (by_model.get(a) or {}).get("n")
-            if paired_std is not None and n:
-                se = _num(float(paired_std) / math.sqrt(float(n)))  # paired: same prompts and seeds
-            else:
-                se = stderr_of_difference(a, b)
-            deltas.append({"label": label, "value": _num(reward.get(key)), "se": se})
+    def deltas_of(block: Mapping, factor: float = 1.0) -> list:
+        """The differences of ``block`` (the raw block, or one scale's: ``factor`` times the raw)."""
+        deltas = []
+        for key, label, a, b in (("delta_rl_minus_base", "RL − base", "rl", "base"),
+                                 ("delta_renorm_minus_rl", "RL+renorm − RL", "rl+renorm", "rl")):
+            if block.get(key) is not None:
+                paired_std, n = block.get(f"{key}_std"), (by_model.get(a) or {}).get("n")
+                if paired_std is not None and n:
+                    se = _num(float(paired_std) / math.sqrt(float(n)))  # paired: same prompts and seeds
+                else:
+                    se = stderr_of_difference(a, b, factor)
+                deltas.append({"label": label, "value": _num(block.get(key)), "se": se})
+        return deltas
+
+    deltas = deltas_of(reward)
+    # Published alternative scales (PickScore / 26 as flow_grpo and Flow-Factory log it, ...): the same
+    # rows and differences times the scale's factor, one named table each.
+    scales = []
+    for name, scale in (reward.get("scales") or {}).items():
+        factor = _finite(scale.get("factor"))
+        scales.append({"name": str(name), "factor": _num(scale.get("factor")), "description": scale.get("description"),
+                       "source": scale.get("source"), "deltas": deltas_of(scale, 1.0 if factor is None else factor),
+                       "rows": [{"model": str(r.get("model")), "mean": _num(r.get("mean")), "std": _num(r.get("std"))}
+                                for r in scale.get("rows") or []]})
     models = [str(r.get("model")) for r in rows]
     described = [_MODEL_DESCRIPTIONS.get(m, f"the {m} model") for m in models]
     caption = "Reward of " + _join_words(described)
     if "base" in models and "rl" in models:
         caption += " (paper Table 1 row" + ("" if "rl+renorm" in models else ", without renormalization") + ")"
-    return {"name": reward.get("name"), "rows": table_rows, "deltas": deltas,
-            "caption": caption + ", mean ± standard deviation over samples"}
+    caption += ", mean ± standard deviation over samples"
+    if reward.get("raw_scale"):
+        caption += f"; raw scale: {reward['raw_scale']}"
+    return {"name": reward.get("name"), "rows": table_rows, "deltas": deltas, "caption": caption, "scales": scales}
 
 
 def _join_words(items: Sequence[str]) -> str:

@@ -26,13 +26,22 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ngdiag.core.errors import CheckpointError, ConfigError
 from ngdiag.rewards.preprocess import ImagePreprocess, check_images, clip_preprocess, hpsv2_preprocess
-from ngdiag.rewards.specs import REWARD_KINDS, existing_path, parse_reward_spec, split_reward_spec
+from ngdiag.rewards.specs import (
+    REWARD_KINDS,
+    REWARD_RAW_SCALES,
+    REWARD_SCALES,
+    RewardScale,
+    existing_path,
+    parse_reward_spec,
+    split_reward_spec,
+)
 
 __all__ = [
     "REWARD_KINDS",
@@ -44,6 +53,7 @@ __all__ = [
     "OpenClipScoreReward",
     "PickScoreReward",
     "Reward",
+    "RewardScale",
     "SaturationReward",
     "WorldReward",
     "load_reward",
@@ -84,10 +94,27 @@ class BaseReward(torch.nn.Module):
     Subclasses set ``name`` and ``requires_prompts`` and implement
     ``score(images, prompts) -> (B,)``; ``prompts`` arrives as a list of ``B`` strings, or
     ``None`` when the reward needs none.
+
+    ``scales`` maps the name of each published alternative scale of the reward to its
+    :class:`RewardScale` (``published = factor * raw``; empty when there is none) and ``raw_scale``
+    says what the raw number is (``docs/rewards.md``, "Scales").
     """
 
     name: str = "reward"
     requires_prompts: bool = False
+    scales: Mapping[str, RewardScale] = MappingProxyType({})
+    raw_scale: str | None = None
+
+    @classmethod
+    def rescaled(cls, scores: Any, scale: str) -> Any:
+        """``scores`` (raw) on the published scale named ``scale``: ``factor * scores``.
+
+        Raises :class:`ConfigError` for a scale this reward does not have.
+        """
+        if scale not in cls.scales:
+            known = ", ".join(cls.scales) or "none"
+            raise ConfigError(f"reward {cls.name} has no scale {scale!r}; its scales: {known}.")
+        return cls.scales[scale].apply(scores)
 
     def forward(self, images: torch.Tensor, prompts: Prompts = None) -> torch.Tensor:
         """Score ``images`` ``(B, 3, H, W)`` in [0, 1] against ``prompts``; returns float32 ``(B,)``."""
@@ -316,9 +343,15 @@ class PickScoreReward(_TransformersClipReward):
     A CLIP-H model fine-tuned on Pick-a-Pic preferences; ``exp(logit_scale)`` is the learned
     temperature (about 100). Images go through :func:`clip_preprocess` (shortest side to 224,
     centre crop 224, the processor's mean / std); prompts are truncated to 77 tokens.
+
+    Scores are on PickScore's own scale; ``scales["flow_grpo"]`` (factor 1/26) gives the scale
+    flow_grpo (``flow_grpo/pickscore_scorer.py``) and Flow-Factory
+    (``src/flow_factory/rewards/pick_score.py``) train on and log.
     """
 
     name = "pickscore"
+    scales = MappingProxyType({s.name: s for s in REWARD_SCALES["pickscore"]})
+    raw_scale = REWARD_RAW_SCALES["pickscore"]
 
     def scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().to(torch.promote_types(self.model.logit_scale.dtype, torch.float32))
@@ -448,9 +481,15 @@ class HPSv2Reward(_OpenClipReward):
     (``hpsv2/img_score.py``) takes the diagonal of ``image_features @ text_features.T`` with both
     features L2-normalised, so scores are cosines (typically 0.2 to 0.35). Images go through
     :func:`hpsv2_preprocess` (longest side to 224, black padding to a square, OpenAI mean / std).
+
+    ``scales["flow_grpo"]`` (factor 1: flow_grpo's ``flow_grpo/hpsv2_scorer.py`` returns the cosine) and
+    ``scales["hpsv2_benchmark"]`` (factor 100: HPSv2's ``hpsv2/evaluation.py`` prints the mean cosine
+    times 100 in its benchmark tables).
     """
 
     name = "hpsv2"
+    scales = MappingProxyType({s.name: s for s in REWARD_SCALES["hpsv2"]})
+    raw_scale = REWARD_RAW_SCALES["hpsv2"]
 
     def scale(self) -> float:
         return 1.0

@@ -13,7 +13,17 @@ from pathlib import Path
 
 from ngdiag.core.errors import ConfigError
 
-__all__ = ["RewardKind", "REWARD_SPECS", "REWARD_KINDS", "parse_reward_spec", "reward_kinds_help"]
+__all__ = [
+    "REWARD_KINDS",
+    "REWARD_RAW_SCALES",
+    "REWARD_SCALES",
+    "REWARD_SPECS",
+    "RewardKind",
+    "RewardScale",
+    "parse_reward_spec",
+    "reward_kinds_help",
+    "reward_scales",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,77 @@ REWARD_SPECS: dict[str, RewardKind] = {
 
 #: The reward kinds, sorted.
 REWARD_KINDS: tuple[str, ...] = tuple(sorted(REWARD_SPECS))
+
+
+@dataclass(frozen=True)
+class RewardScale:
+    """A published alternative scale of a reward: ``published = factor * raw``.
+
+    ``name`` labels the scale in results (``summary.json``, reports), ``description`` says what the
+    rescaled number is and ``source`` names the file(s) that define it (repository and path).
+    """
+
+    name: str
+    factor: float
+    description: str
+    source: str
+
+    def apply(self, value):
+        """``factor * value`` (a float, array or tensor)."""
+        return value * self.factor
+
+
+# The PickScore factor 1/26: flow_grpo's PickScore scorer (yifan123/flow_grpo,
+# flow_grpo/pickscore_scorer.py, read in its forks ltt0716/flow_grpo_official and zhtmike/flow_grpo)
+# and Flow-Factory's (X-GenGroup/Flow-Factory, src/flow_factory/rewards/pick_score.py) both divide
+# exp(logit_scale) * cos by 26, commented "norm to 0-1", and train and log on that scale.
+# HPSv2: flow_grpo's scorer (yifan123/flow_grpo, flow_grpo/hpsv2_scorer.py) returns the raw cosine,
+# as HPSv2's own img_score.py does; HPSv2's benchmark (tgxs002/HPSv2, hpsv2/evaluation.py,
+# evaluate_benchmark_all and evaluate_benchmark_DB) prints the mean cosine times 100.
+_FLOW_GRPO_PICKSCORE = "yifan123/flow_grpo flow_grpo/pickscore_scorer.py; X-GenGroup/Flow-Factory src/flow_factory/rewards/pick_score.py"
+
+#: Published alternative scales per reward kind (kinds without one are absent).
+REWARD_SCALES: dict[str, tuple[RewardScale, ...]] = {
+    "pickscore": (
+        RewardScale("flow_grpo", 1 / 26,
+                    "PickScore / 26, the reward flow_grpo and Flow-Factory train on and log (about 0.7-0.9)",
+                    _FLOW_GRPO_PICKSCORE),
+    ),
+    "hpsv2": (
+        RewardScale("flow_grpo", 1.0,
+                    "the cosine itself, what flow_grpo's HPSv2 reward returns (equal to the raw scale)",
+                    "yifan123/flow_grpo flow_grpo/hpsv2_scorer.py"),
+        RewardScale("hpsv2_benchmark", 100.0,
+                    "100 * cosine, the scale of HPSv2's benchmark tables (about 20-35)",
+                    "tgxs002/HPSv2 hpsv2/evaluation.py"),
+    ),
+}
+
+#: What the raw number of a reward kind is, for kinds that have published alternative scales.
+REWARD_RAW_SCALES: dict[str, str] = {
+    "pickscore": "exp(logit_scale) * cos, PickScore's own scale (Kirstain et al.; about 18-23 for real images)",
+    "hpsv2": "cos(image, text), HPSv2's own img_score.py scale (about 0.2-0.35)",
+}
+
+
+def reward_scales(spec: str | None) -> tuple[str | None, tuple[RewardScale, ...]]:
+    """``(raw scale description, alternative scales)`` of a reward spec, without loading anything.
+
+    ``(None, ())`` for ``None``, for kinds without a published alternative scale and for specs that do
+    not parse (a summary written by another version may hold any string).
+
+    Example:
+        >>> raw, scales = reward_scales("pickscore:/models/pickscore")
+        >>> [(s.name, round(s.apply(21.5), 4)) for s in scales]
+        [('flow_grpo', 0.8269)]
+    """
+    if spec is None:
+        return None, ()
+    try:
+        kind, _, _ = split_reward_spec(spec)
+    except ConfigError:
+        return None, ()
+    return REWARD_RAW_SCALES.get(kind), REWARD_SCALES.get(kind, ())
 
 
 def reward_kinds_help() -> str:

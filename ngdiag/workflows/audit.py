@@ -223,8 +223,13 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
     """The paper's Table 1 row: reward of base, RL and RL+renorm with their spread over samples.
 
     The deltas come with the standard deviation of the paired per-sample differences (same prompt
-    and seed), ``delta_*_std``.
+    and seed), ``delta_*_std``. For rewards with published alternative scales (PickScore, HPSv2:
+    :func:`ngdiag.rewards.specs.reward_scales`) ``raw_scale`` says what the raw numbers are and
+    ``scales`` holds, per scale name, its ``factor``, ``description``, ``source`` and the same rows
+    and deltas on that scale (``factor`` times the raw values, spreads times ``|factor|``).
     """
+    from ngdiag.rewards.specs import reward_scales
+
     rows = []
     means = {}
     for model in ("base", "rl", "rl+renorm"):
@@ -236,11 +241,25 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
                      "n": int(len(values))})
     block = {"name": spec, "rows": rows}
     wide = rewards.pivot_table(index="sample", columns="model", values="reward", aggfunc="first")
-    for key, (a, b) in {"delta_rl_minus_base": ("rl", "base"), "delta_renorm_minus_rl": ("rl+renorm", "rl")}.items():
+    deltas = ("delta_rl_minus_base", "delta_renorm_minus_rl")
+    for key, (a, b) in zip(deltas, (("rl", "base"), ("rl+renorm", "rl"))):
         if a in means and b in means:
             diff = (wide[a] - wide[b]).to_numpy(dtype=float)  # paired: same prompt and seed
             block[key] = means[a] - means[b]
             block[f"{key}_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    raw_scale, scales = reward_scales(spec)
+    if scales:
+        block["raw_scale"] = raw_scale
+        block["scales"] = {}
+        for scale in scales:
+            f = scale.factor
+            entry = {"factor": f, "description": scale.description, "source": scale.source,
+                     "rows": [{**r, "mean": f * r["mean"], "std": abs(f) * r["std"]} for r in rows]}
+            for key in deltas:
+                if key in block:
+                    entry[key] = f * block[key]
+                    entry[f"{key}_std"] = abs(f) * block[f"{key}_std"]
+            block["scales"][scale.name] = entry
     return block
 
 
