@@ -372,7 +372,8 @@ def test_result_statistics_and_frames_agree_with_pandas():
 
     by_step = frame.groupby("step").S
     summary = res.summary_frame()
-    assert list(summary.columns) == ["step", "t", "t_next", "mean", "std", "nsr", "stderr", "frac_positive"]
+    assert list(summary.columns) == ["step", "t", "t_next", "mean", "mean_ci_low", "mean_ci_high", "std", "nsr", "stderr",
+                                     "frac_positive"]
     assert torch.allclose(torch.tensor(summary["mean"].values), torch.tensor(by_step.mean().values))
     assert torch.allclose(torch.tensor(summary["std"].values), torch.tensor(by_step.std(ddof=1).values))
     assert torch.allclose(res.nsr, res.std / res.mean.abs())

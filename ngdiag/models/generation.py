@@ -263,6 +263,8 @@ class SampleSet:
 
     #: what the run is called in error messages, and why it needs 2 samples
     _needs_two = "a run needs at least 2 samples"
+    #: config fields that change only the summary, not the parts: left out of :meth:`fingerprint`
+    _not_in_fingerprint = ()
 
     def __post_init__(self):
         self.prompts = [str(p) for p in self.prompts]
@@ -321,13 +323,16 @@ class SampleSet:
     def fingerprint(self, checkpoint: dict) -> str:
         """Hash of everything that determines the results (a run with another hash is not resumed).
 
-        Where the sampling settings came from (``sampling.origin``) is not part of it.
+        Where the sampling settings came from (``sampling.origin``) is not part of it, nor are the
+        fields named in ``_not_in_fingerprint`` (they change only the summary).
         """
         import hashlib
         import json
 
         config = self.to_dict()
         config["sampling"].pop("origin", None)
+        for key in self._not_in_fingerprint:
+            config.pop(key, None)
         payload = json.dumps({"config": config, "checkpoint": checkpoint}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

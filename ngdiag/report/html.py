@@ -434,12 +434,28 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
 
 
 # ----------------------------------------------------------------------------- sensitivity
+def _first_order_rows(block: Optional[Mapping], level: str) -> list:
+    """Key numbers of ``first_order_reward_change``: the prediction and, from an audit, the measurement."""
+    if not block:
+        return []
+    rows = [(f"first-order reward change of removing {format_percent(block.get('inflation'))} inflation "
+             f"(ε = {_num(block.get('eps'))}, ε · dR/dε)",
+             f"{_num(block.get('mean'))} ({level} interval {_num(block.get('ci_low'))} to {_num(block.get('ci_high'))})")]
+    measured = block.get("measured_renorm_reward_change")
+    if measured:
+        note = "" if block.get("same_reward", True) else f"; the audit's reward is {block.get('audit_reward')}"
+        rows.append((f"measured reward change, RL + renorm minus RL (audit {block.get('audit')})",
+                     f"{_num(measured.get('mean'))} ± {_num(measured.get('std'))} (mean ± std over samples{note})"))
+    return rows
+
+
 def render_sensitivity_report(summary: Mapping, per_step: pd.DataFrame, long: pd.DataFrame) -> str:
     """The norm-scaling sensitivity report (paper eq. 4-5, Figure 4).
 
     Args:
         summary: the ``sensitivity.json`` document (``SensitivityRun.summary()``).
-        per_step: one row per step: ``step, t, mean, std, nsr, stderr, frac_positive``.
+        per_step: one row per step: ``step, t, mean, std, nsr, stderr, frac_positive`` (and the interval
+            of the mean, ``mean_ci_low, mean_ci_high``, when present).
         long: one row per step and sample: ``step, t, sample, S``.
     """
     _check_schema(summary, "sensitivity")
@@ -451,6 +467,8 @@ def render_sensitivity_report(summary: Mapping, per_step: pd.DataFrame, long: pd
         "spread": _figure(F.sensitivity_spread, long, alt="Per-sample sensitivity S by step"),
     }
     dd = summary.get("directional_derivative") or {}
+    confidence = (summary.get("intervals") or {}).get("confidence")
+    level = format_percent(confidence, 0) if isinstance(confidence, (int, float)) else "bootstrap"
     facts = [("checkpoint", summary.get("checkpoint")), ("base", summary.get("base")), ("family", summary.get("family")),
              ("model", summary.get("model")), ("reward", summary.get("reward")), ("method", summary.get("method")),
              ("samples", summary.get("num_samples")), ("steps", summary.get("num_steps"))]
@@ -462,11 +480,16 @@ def render_sensitivity_report(summary: Mapping, per_step: pd.DataFrame, long: pd
          if "fraction_of_steps_with_nsr_above_3" in summary else None),
         ("dR/dε (every step scaled by 1 + ε)", f"{_num(dd.get('mean'))} ± {_num(dd.get('std'))} (mean ± std over samples)"
          if dd else None),
+        (f"dR/dε, {level} interval of the mean", f"{_num(dd.get('ci_low'))} to {_num(dd.get('ci_high'))}"
+         if "ci_low" in dd else None),
+        *_first_order_rows(summary.get("first_order_reward_change"), level),
         ("mean reward", summary.get("reward_mean")),
     ]
-    step_table = _table(per_step.sort_values("step") if "step" in per_step.columns else per_step,
-                        [("step", "step"), ("t", "t"), ("mean", "mean S"), ("std", "std"), ("stderr", "std. error"),
-                         ("nsr", "NSR"), ("frac_positive", "share S > 0")])
+    columns = [("step", "step"), ("t", "t"), ("mean", "mean S")]
+    if {"mean_ci_low", "mean_ci_high"} <= set(per_step.columns):
+        columns += [("mean_ci_low", f"{level} CI low"), ("mean_ci_high", f"{level} CI high")]
+    columns += [("std", "std"), ("stderr", "std. error"), ("nsr", "NSR"), ("frac_positive", "share S > 0")]
+    step_table = _table(per_step.sort_values("step") if "step" in per_step.columns else per_step, columns)
     return _render(
         "sensitivity.html.j2",
         title=f"ngdiag sensitivity: {summary.get('checkpoint') or summary.get('model') or 'model'}",

@@ -12,9 +12,12 @@ _LAZY = {
     "ADAPTIVE_SOLVERS": "ngdiag.sensitivity.adjoint",
     "FIXED_GRID_SOLVERS": "ngdiag.sensitivity.adjoint",
     "SensitivityResult": "ngdiag.sensitivity.result",
+    "FirstOrderRewardChange": "ngdiag.sensitivity.result",
+    "removal_eps": "ngdiag.sensitivity.result",
 }
 
-__all__ = ["norm_sensitivity", "SensitivityResult", "FIXED_GRID_SOLVERS", "ADAPTIVE_SOLVERS"]
+__all__ = ["norm_sensitivity", "SensitivityResult", "FirstOrderRewardChange", "removal_eps", "FIXED_GRID_SOLVERS",
+           "ADAPTIVE_SOLVERS"]
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

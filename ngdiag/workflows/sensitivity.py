@@ -6,12 +6,19 @@ of the decoded image, ``R(x_K) = reward(decode(x_K), prompts)``, and calls
 :func:`ngdiag.sensitivity.norm_sensitivity`. Runs are durable like the audit, on the same engine
 (:mod:`ngdiag.runs`, through :class:`SensitivityWorkflow`): one part per batch, resumable,
 shardable with ``shard=(i, n)`` and joined by :func:`merge_sensitivity`.
+
+The summary carries percentile-bootstrap intervals over samples (``CONFIDENCE``, seeded) of every
+``mu_k`` and of the mean ``dR/d(eps)``. Given an inflation ``I`` (``SensitivityConfig.inflation``, or
+read from an audit folder by :func:`audit_reference`), it adds the first-order reward change of
+removing it, ``eps * dR/d(eps)`` with ``eps = 1 / (1 + I) - 1``, next to the audit's measured reward
+change under RL renormalization when the audit has one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,13 +34,69 @@ from ngdiag.models.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import Checkpoint
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, run_workflow, versions
 from ngdiag.sensitivity.adjoint import norm_sensitivity
-from ngdiag.sensitivity.result import SensitivityResult
+from ngdiag.sensitivity.result import BOOTSTRAP_RESAMPLES, SensitivityResult, removal_eps
 
 __all__ = ["SensitivityConfig", "SensitivityRun", "SensitivityWorkflow", "run_sensitivity", "merge_sensitivity",
-           "checkpoint_velocity"]
+           "checkpoint_velocity", "audit_reference"]
 
 KIND = "sensitivity"
 SCHEMA_VERSION = 1
+#: The level, resamples and seed of every interval in the summary (a percentile bootstrap over samples).
+CONFIDENCE = 0.95
+BOOTSTRAP_SEED = 0
+FIRST_ORDER_FORMULA = "eps * dR/d(eps), eps = 1 / (1 + inflation) - 1 (every step's velocity scaled by 1 / (1 + inflation))"
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def audit_reference(path) -> dict:
+    """What a finished audit's ``summary.json`` says about the inflation, and about the reward change
+    under RL renormalization (paper eq. 3) when the audit measured rewards with ``--renorm``.
+
+    Returns ``{"path", "checkpoint", "inflation", "inflation_ci_low", "inflation_ci_high", "reward",
+    "renorm_reward_change"}``; ``renorm_reward_change`` is ``{"mean", "std", "stderr", "num_samples"}``
+    (``rl+renorm`` minus ``rl``, paired per sample: the audit's ``reward.delta_renorm_minus_rl``) or ``None``.
+
+    Raises:
+        ConfigError: no such folder, no readable ``summary.json`` in it, or no usable inflation value.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"audit folder {folder} does not exist" if not folder.exists() else f"audit folder {folder} is not a folder")
+    file = folder / "summary.json"
+    if not file.is_file():
+        raise ConfigError(f"{folder} holds no summary.json: not a finished ngdiag audit")
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{file} is not readable JSON") from None
+    inflation = doc.get("inflation") if isinstance(doc, dict) else None
+    value = inflation.get("value") if isinstance(inflation, dict) else None
+    if not _number(value):
+        raise ConfigError(f"{file} records no inflation value: not an ngdiag audit summary")
+    try:
+        removal_eps(value)
+    except ConfigError:
+        raise ConfigError(f"{file} records an inflation of {value!r}; it must be a fraction above -1") from None
+    ref = {"path": str(folder), "checkpoint": doc.get("checkpoint"), "inflation": float(value),
+           "inflation_ci_low": inflation.get("ci_low") if _number(inflation.get("ci_low")) else None,
+           "inflation_ci_high": inflation.get("ci_high") if _number(inflation.get("ci_high")) else None,
+           "reward": None, "renorm_reward_change": None}
+    reward = doc.get("reward")
+    if isinstance(reward, dict):
+        ref["reward"] = reward.get("name") if isinstance(reward.get("name"), str) else None
+        delta, std = reward.get("delta_renorm_minus_rl"), reward.get("delta_renorm_minus_rl_std")
+        rows = reward.get("rows") if isinstance(reward.get("rows"), list) else []
+        n = next((row.get("n") for row in rows if isinstance(row, dict) and row.get("model") == "rl"), None)
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+        if _number(delta):
+            std = float(std) if _number(std) else None
+            ref["renorm_reward_change"] = {
+                "mean": float(delta), "std": std, "num_samples": n,
+                "stderr": std / math.sqrt(n) if std is not None and n is not None else None}
+    return ref
 
 
 @dataclass
@@ -47,6 +110,10 @@ class SensitivityConfig(SampleSet):
         solver, continuous_substeps: the continuous method's torchdiffeq solver.
         model: whose velocity is analysed: ``"theta"`` (default) or ``"ref"``.
         gradient_checkpointing: enable diffusers' gradient checkpointing on the transformer and VAE.
+        inflation: an inflation ``I`` (a fraction, ``> -1``) whose removal's first-order reward change the
+            summary reports; taken from ``audit`` when that is given. Changes the summary only.
+        audit: what :func:`audit_reference` read from an audit folder (its inflation and measured
+            renorm reward change), or ``None``. Changes the summary only.
     """
 
     batch_size: int = 2
@@ -56,8 +123,11 @@ class SensitivityConfig(SampleSet):
     continuous_substeps: int = 4
     model: str = "theta"
     gradient_checkpointing: bool = True
+    inflation: Optional[float] = None
+    audit: Optional[dict] = None
 
     _needs_two = "the analysis needs at least 2 samples for a spread"
+    _not_in_fingerprint = ("inflation", "audit")  # a rerun with another --inflation resumes the same parts
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,6 +137,17 @@ class SensitivityConfig(SampleSet):
             raise ConfigError(f"method must be 'discrete' or 'continuous', got {self.method!r}")
         if self.model not in ("theta", "ref"):
             raise ConfigError(f"model must be 'theta' or 'ref', got {self.model!r}")
+        if self.audit is not None:
+            if not isinstance(self.audit, dict) or not _number(self.audit.get("inflation")):
+                raise ConfigError("audit must be what audit_reference() returns (with its inflation)")
+            if self.inflation is None:
+                self.inflation = self.audit["inflation"]
+            elif float(self.inflation) != float(self.audit["inflation"]):
+                raise ConfigError(f"give an inflation or an audit, not both (inflation {self.inflation!r}, "
+                                  f"the audit's {self.audit['inflation']!r})")
+        if self.inflation is not None:
+            removal_eps(self.inflation)  # a finite fraction above -1
+            self.inflation = float(self.inflation)
 
 
 def checkpoint_velocity(checkpoint: Checkpoint, conditioning, which: str = "theta") -> Callable:
@@ -107,7 +188,8 @@ class SensitivityRun:
     checkpoint: dict
 
     def per_step(self) -> pd.DataFrame:
-        return self.result.summary_frame()
+        """One row per step (:meth:`SensitivityResult.summary_frame`, intervals at :data:`CONFIDENCE`)."""
+        return self.result.summary_frame(CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
 
     def to_frame(self) -> pd.DataFrame:
         frame = self.result.to_frame()
@@ -118,7 +200,9 @@ class SensitivityRun:
         per_step = self.per_step()
         nsr = per_step["nsr"].to_numpy()
         dr = self.result.directional_derivative.numpy()
-        return {
+        dr_low, dr_high = self.result.directional_derivative_interval(CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
+                                                                      seed=BOOTSTRAP_SEED)
+        out = {
             "schema_version": SCHEMA_VERSION,
             "method": self.result.method,
             "reward": self.config.reward,
@@ -131,7 +215,10 @@ class SensitivityRun:
             "nsr_max": float(np.nanmax(nsr)),
             "fraction_of_steps_with_nsr_above_3": float(np.mean(nsr > 3)),
             "directional_derivative": {"mean": float(dr.mean()), "std": float(dr.std(ddof=1)),
+                                       "ci_low": json_safe(dr_low), "ci_high": json_safe(dr_high),
                                        "description": "dR/d(eps) when every step's velocity is scaled by (1 + eps)"},
+            "intervals": {"method": "percentile bootstrap over samples", "confidence": CONFIDENCE,
+                          "n_resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
             "reward_mean": float(self.result.reward.mean()),
             "checkpoint": self.checkpoint.get("path"),
             "base": self.checkpoint.get("base"),
@@ -140,6 +227,24 @@ class SensitivityRun:
             "config": self.config.to_dict(),
             "versions": versions(),
         }
+        if self.config.inflation is not None:
+            out["first_order_reward_change"] = self.first_order_block()
+        return out
+
+    def first_order_block(self) -> dict:
+        """The summary's ``first_order_reward_change``: the predicted reward change of removing
+        ``config.inflation`` and, from the audit when there is one, the measured one under RL renorm."""
+        change = self.result.first_order_reward_change(self.config.inflation, CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
+                                                       seed=BOOTSTRAP_SEED)
+        block = {**json_safe(change.to_dict()), "formula": FIRST_ORDER_FORMULA, "model": self.config.model,
+                 "audit": None, "measured_renorm_reward_change": None}
+        audit = self.config.audit
+        if audit is not None:
+            block["audit"] = audit.get("path")
+            block["audit_reward"] = audit.get("reward")
+            block["same_reward"] = audit.get("reward") == self.config.reward
+            block["measured_renorm_reward_change"] = audit.get("renorm_reward_change")
+        return block
 
     def save(self, out_dir, *, report: bool = True) -> dict:
         """Write ``sensitivity.json``, ``records.parquet`` and ``report.html`` into a folder path or an
