@@ -189,6 +189,14 @@ class CompareResult:
     seed: int = 0
     confidence: float = 0.95
     quality: pd.DataFrame = field(default_factory=pd.DataFrame)
+    inflations: dict = field(default_factory=dict)
+
+    def inflation_of(self, label: str, steps: int):
+        """The :class:`~ngdiag.stats.InflationSummary` of run ``label`` at ``steps`` sampling steps."""
+        try:
+            return self.inflations[(label, int(steps))]
+        except KeyError:
+            raise ConfigError(f"no audit of run {label!r} at {steps} steps in this comparison") from None
 
     @property
     def layout(self) -> Optional[str]:
@@ -286,6 +294,7 @@ class CompareResult:
                 "inflation %": rec["inflation_pct"],
                 "CI low %": rec["ci_low_pct"],
                 "CI high %": rec["ci_high_pct"],
+                "t-weighted %": rec.get("t_weighted_pct"),
                 "verdict": rec["verdict"],
             }
             for rec in sorted(_records(self.table), key=lambda r: (-int(r["steps"]), r["model"] != "base", str(r["model"])))
@@ -504,6 +513,7 @@ def compare_runs(
 
     per_step, rewards, rows, quality = [], [], [], []
     log_ratios: Dict[tuple, np.ndarray] = {}
+    inflations: Dict[tuple, object] = {}
     images: Dict[str, dict] = {}
     total, done = len(infos) * len(steps), 0
     base_rows: Dict[int, dict] = {}
@@ -519,6 +529,7 @@ def compare_runs(
             frame.insert(0, "steps", k)
             frame.insert(0, "model", run.label)
             per_step.append(frame)
+            inflations[(run.label, k)] = result.inflation
             log_ratios[(run.label, k)] = result.per_sample.sort_values("sample")["log_ratio"].to_numpy(float)
             for model_key, name in (("rl", run.label), ("base", "base")):
                 sub = result.rewards[result.rewards["model"] == model_key]
@@ -538,7 +549,8 @@ def compare_runs(
                 else:
                     inf = result.inflation
                     row.update({"inflation_pct": 100 * inf.value, "ci_low_pct": 100 * inf.ci_low,
-                                "ci_high_pct": 100 * inf.ci_high, "verdict": inf.verdict})
+                                "ci_high_pct": 100 * inf.ci_high, "verdict": inf.verdict,
+                                "t_weighted_pct": 100 * inf.t_weighted_value})
                     rows.append(row)
             for model_key, name in (("rl", run.label), ("base", "base")):
                 if model_key in result.images:
@@ -578,5 +590,5 @@ def compare_runs(
         runs=list(infos), steps=steps, reward=spec, history=_history(infos), per_step=pd.concat(per_step, ignore_index=True),
         rewards=rewards, table=table, paired=pd.DataFrame(paired), settings=varying_settings(infos), baseline=baseline,
         images=images, prompts=prompts, num_samples=int(num_samples), seed=int(seed), confidence=float(audit.confidence),
-        quality=quality,
+        quality=quality, inflations=inflations,
     )

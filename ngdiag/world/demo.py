@@ -54,6 +54,8 @@ MEASURE_LABELS = {
 }
 #: Artefact measures the paper describes (over-saturation, over-sharpening, lighting), used in the rules.
 ARTEFACTS = ("saturation", "colourfulness", "clipping_rate", "high_frequency_energy", "luminance")
+#: The sweeps mark the first checkpoint whose inflation interval lies above this (the early-stopping question).
+SWEEP_THRESHOLD = 0.05
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,27 @@ def _sensitivity(world: _World, checkpoint: Path, out: Path, settings: DemoSetti
     return run_sensitivity(ckpt, config, out_dir=out, overwrite=True)
 
 
+def _compare(world: _World, settings: DemoSettings):
+    from ngdiag.workflows.compare import compare_runs
+
+    return compare_runs(world.runs["nft-plain"], world.runs["nft-normguard"], steps=list(settings.few_steps),
+                        reward=world.reward, prompts=_prompts(settings.num_samples), num_samples=settings.num_samples,
+                        guidance_scale=settings.guidance, seed=settings.seed, batch_size=min(settings.num_samples, 32),
+                        grid_size=8)
+
+
+def _sweep(world: _World, run: str, out: Path, settings: DemoSettings):
+    from ngdiag.models.generation import SamplingConfig
+    from ngdiag.workflows.audit import AuditConfig
+    from ngdiag.workflows.sweep import run_sweep
+
+    n = settings.checkpoint_samples
+    config = AuditConfig(prompts=_prompts(n), num_samples=n, seed=settings.seed, batch_size=min(n, 32),
+                         sampling=SamplingConfig(num_steps=settings.steps, guidance_scale=settings.guidance),
+                         reward=world.reward, grid_size=8)
+    return run_sweep(world.runs[run], config, out_dir=out, base=str(world.base), threshold=SWEEP_THRESHOLD)
+
+
 # ----------------------------------------------------------------------------- tables
 def _interval(inflation) -> str:
     return f"{inflation.value:+.1%} [{inflation.ci_low:+.1%}, {inflation.ci_high:+.1%}]"
@@ -179,13 +202,10 @@ def _paired(audit_a, model_a: str, audit_b, model_b: str, column: str, frame: st
 
 
 def _mean_interval(diff: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``diff`` and its 95 % bootstrap interval (scipy.stats.bootstrap, percentile)."""
-    from scipy.stats import bootstrap
+    """Mean of ``diff`` and its 95 % percentile bootstrap interval over samples (one prompt per sample)."""
+    from ngdiag.workflows.sweep import paired_interval
 
-    if len(diff) < 2 or np.allclose(diff, diff[0]):
-        return float(diff.mean()), float(diff.mean()), float(diff.mean())
-    res = bootstrap((diff,), np.mean, n_resamples=2000, method="percentile", random_state=seed)
-    return float(diff.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return paired_interval(diff, seed=seed)
 
 
 def _fmt_diff(mean: float, low: float, high: float) -> str:
@@ -359,59 +379,91 @@ def _page_normguard(audits: dict) -> dict:
     }
 
 
-def _page_few_steps(by_steps: dict) -> dict:
-    from ngdiag.report.html import table_of
+def _page_few_steps(audits: dict, compared, steps: int, report: str) -> dict:
+    from ngdiag.report import figures as F
+    from ngdiag.report.html import figure_block, table_of
 
     rows = []
-    for (run, steps), audit in sorted(by_steps.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    names = {"A": "nft-plain", "B": "nft-normguard"}
+    for run, audit in audits.items():  # the main audits at the full step count
         sat = _mean_interval(_paired(audit, "rl", audit, "base", "saturation"))
         rew = _mean_interval(_paired(audit, "rl", audit, "base", "reward", frame="rewards"))
         rows.append({"run": RUN_LABELS[run], "steps": steps, "inflation [95 % CI]": _interval(audit.inflation),
+                     "t-weighted": f"{audit.inflation.t_weighted_value:+.1%}",
                      "reward vs base": _fmt_diff(*rew), "saturation vs base": _fmt_diff(*sat)})
-    plain = {s: a for (r, s), a in by_steps.items() if r == "nft-plain"}
-    fewest = min(plain)
-    agrees = plain[fewest].inflation.ci_low > 0
+    table = compared.table
+    for rec in compared.paired.to_dict("records"):
+        if rec["model"] == "base":
+            continue
+        t = table[(table["model"] == rec["model"]) & (table["steps"] == rec["steps"])].iloc[0]
+        inf = compared.inflation_of(rec["model"], rec["steps"])
+        rows.append({"run": RUN_LABELS[names[rec["model"]]], "steps": int(rec["steps"]),
+                     "inflation [95 % CI]": f"{t['inflation_pct'] / 100:+.1%} [{t['ci_low_pct'] / 100:+.1%}, {t['ci_high_pct'] / 100:+.1%}]",
+                     "t-weighted": f"{inf.t_weighted_value:+.1%}",
+                     "reward vs base": _fmt_diff(rec["reward_delta"], rec["reward_delta_low"], rec["reward_delta_high"]),
+                     "saturation vs base": _fmt_diff(rec["saturation_delta"], rec["saturation_delta_low"],
+                                                     rec["saturation_delta_high"])})
+    rows.sort(key=lambda r: (r["run"], -r["steps"]))
+    fewest = min(compared.steps)
+    plain = compared.inflation_of("A", fewest)
+    agrees = plain.ci_low > 0
     verdict = (f"{'Agrees' if agrees else 'Does not agree'} with the paper: at {fewest} steps the unregularised "
-               f"fine-tune is inflated by {_interval(plain[fewest].inflation)} (at {max(plain)} steps "
-               f"{_interval(plain[max(plain)].inflation)}).")
+               f"fine-tune is inflated by {_interval(plain)} (at {steps} steps {_interval(audits['nft-plain'].inflation)}).")
     return {
         "id": "few-steps", "title": ANALYSES["5-few-steps"], "verdict": verdict,
         "paragraphs": [
-            "What was measured: the audit of both fine-tunes at each step count, on the same prompts and seeds.",
+            "What was measured: both fine-tunes at each step count on the same prompts and seeds; the fewer-step "
+            "rows come from one `ngdiag compare` of the two runs (the base sampled once per step count), the "
+            f"{steps}-step rows from the main audits.",
+            "t-weighted: the inflation with each step's log-ratio weighted by its step size |t_k - t_(k+1)|, "
+            "an estimate of the mean over t in [0, 1] that compares step counts like with like.",
             "Rule: agrees when the unregularised fine-tune's interval lies above 0 at the fewest steps (the paper "
             "finds the inflation at few-step sampling too).",
         ],
+        "links": [{"href": report, "text": "the ngdiag compare report of the two runs",
+                   "note": "paired differences with intervals, ratio curves, image grids"}],
         "tables": [table_of(pd.DataFrame(rows), caption="Paired differences against the base, mean [95 % CI].")],
+        "figures": [figure_block(F.run_curves([r.metrics for r in compared.runs], [r.display for r in compared.runs]),
+                                 alt="training curves of both runs", caption="Reward and inflation during training, "
+                                 "from each run's metrics log.")],
     }
 
 
-def _page_checkpoints(by_ckpt: dict) -> dict:
+def _page_checkpoints(sweeps: dict, reports: dict, threshold: float) -> dict:
     from ngdiag.report import figures as F
     from ngdiag.report.html import figure_block, table_of
     from scipy.stats import spearmanr
 
     rows = []
-    for (run, it), audit in sorted(by_ckpt.items()):
-        rew = _paired(audit, "rl", audit, "base", "reward", frame="rewards").mean()
-        sat = _paired(audit, "rl", audit, "base", "saturation").mean()
-        rows.append({"run": RUN_LABELS[run], "iteration": it, "inflation": audit.inflation.value,
-                     "ci_low": audit.inflation.ci_low, "ci_high": audit.inflation.ci_high,
-                     "reward vs base": rew, "saturation vs base": sat})
+    for run, sweep in sweeps.items():
+        for rec in sweep.table.to_dict("records"):
+            rows.append({"run": RUN_LABELS[run], "iteration": rec["iteration"], "inflation": rec["inflation"],
+                         "ci_low": rec["ci_low"], "ci_high": rec["ci_high"],
+                         "reward vs base": _fmt_diff(rec["reward_delta"], rec["reward_delta_low"], rec["reward_delta_high"]),
+                         "saturation vs base": _fmt_diff(rec["saturation_delta"], rec["saturation_delta_low"],
+                                                         rec["saturation_delta_high"])})
     frame = pd.DataFrame(rows)
     plain = frame[frame["run"] == RUN_LABELS["nft-plain"]]
     rho = float(spearmanr(plain["iteration"], plain["inflation"]).statistic) if len(plain) > 2 else float("nan")
     agrees = rho > 0 and plain["inflation"].iloc[-1] > plain["inflation"].iloc[0]
+    first = sweeps["nft-plain"].first_above
+    stop = (f"the first checkpoint whose interval lies above {threshold:.0%} is checkpoint-{first}" if first is not None
+            else f"no checkpoint's interval lies above {threshold:.0%}")
     verdict = (f"{'Agrees' if agrees else 'Does not agree'} with the paper: the unregularised inflation goes from "
                f"{plain['inflation'].iloc[0]:+.1%} at iteration {plain['iteration'].iloc[0]} to "
-               f"{plain['inflation'].iloc[-1]:+.1%} at {plain['iteration'].iloc[-1]} (Spearman ρ = {rho:.2f}).")
+               f"{plain['inflation'].iloc[-1]:+.1%} at {plain['iteration'].iloc[-1]} (Spearman ρ = {rho:.2f}); {stop}.")
     return {
         "id": "checkpoints", "title": ANALYSES["6-checkpoints"], "verdict": verdict,
         "paragraphs": [
-            "What was measured: the audit (inflation, world reward, quality) of every checkpoint-N of both runs.",
+            "What was measured: `ngdiag sweep` of each run: every checkpoint-N audited on the same prompts and seeds "
+            "(inflation, world reward, quality), the base sampled once per sweep and paired with every checkpoint.",
+            f"Early stopping: the sweep marks the first checkpoint whose inflation interval lies above {threshold:.0%}.",
             "Rule: agrees when the unregularised inflation rises with the iteration (Spearman ρ > 0, last above first).",
         ],
+        "links": [{"href": href, "text": f"the sweep report of {RUN_LABELS[run]}", "note": "one table and one report per run"}
+                  for run, href in reports.items()],
         "tables": [table_of(frame, caption="Inflation with its 95 % CI; reward and saturation as mean paired "
-                                           "differences against the base.")],
+                                           "differences against the base [95 % CI].")],
         "figures": [figure_block(F.inflation_by_iteration(frame, run_column="run"), alt="inflation against iteration",
                                  caption="Inflation of each checkpoint with its 95 % interval.")],
     }
@@ -481,20 +533,14 @@ def _run_demo(folder, *, quick: bool, world, progress: Progress) -> dict:
             num_samples=settings.num_samples, renorm=True))
     _say(progress, f"sensitivity of nft-plain ({settings.sensitivity_samples} samples)")
     sens = timed("sensitivity", lambda: _sensitivity(world, world.final("nft-plain"), runs / "sensitivity", settings))
-    by_steps = {(run, settings.steps): a for run, a in audits.items()}
-    for steps in settings.few_steps:
-        for run in RUN_LABELS:
-            _say(progress, f"audit of {run} at {steps} steps")
-            by_steps[(run, steps)] = timed(f"audit {run} {steps} steps", lambda run=run, steps=steps: _audit(
-                world, world.final(run), runs / f"{run}-{steps}steps", settings, steps=steps,
-                num_samples=settings.num_samples, renorm=False))
-    by_ckpt = {}
+    _say(progress, f"compare of both runs at {', '.join(map(str, settings.few_steps))} steps")
+    compared = timed("compare", lambda: _compare(world, settings))
+    folder.write_text("runs/compare.html", compared.render_html())
+    sweeps, sweep_reports = {}, {}
     for run in RUN_LABELS:
-        for it, path in world.checkpoints(run):
-            _say(progress, f"audit of {run} checkpoint-{it}")
-            by_ckpt[(run, it)] = timed(f"audit {run} checkpoint-{it}", lambda run=run, path=path, it=it: _audit(
-                world, path, runs / f"{run}-checkpoint-{it}", settings, steps=settings.steps,
-                num_samples=settings.checkpoint_samples, renorm=False))
+        _say(progress, f"sweep of {run} ({len(world.checkpoints(run))} checkpoints)")
+        sweeps[run] = timed(f"sweep {run}", lambda run=run: _sweep(world, run, runs / f"{run}-sweep", settings))
+        sweep_reports[run] = f"runs/{run}-sweep/report.html"
 
     _say(progress, "writing the reports")
     pages = {
@@ -502,8 +548,8 @@ def _run_demo(folder, *, quick: bool, world, progress: Progress) -> dict:
         "2-renorm": _page_renorm(audits),
         "3-sensitivity": _page_sensitivity(sens),
         "4-normguard": _page_normguard(audits),
-        "5-few-steps": _page_few_steps(by_steps),
-        "6-checkpoints": _page_checkpoints(by_ckpt),
+        "5-few-steps": _page_few_steps(audits, compared, settings.steps, "runs/compare.html"),
+        "6-checkpoints": _page_checkpoints(sweeps, sweep_reports, SWEEP_THRESHOLD),
     }
     ver = versions()
     for stem, section in pages.items():
