@@ -253,7 +253,8 @@ class CompareResult:
             sub = self.rewards[(self.rewards["model"] == model) & (self.rewards["steps"] == k)].sort_values("sample")
             return sub["reward"].to_numpy(float)
 
-        clusters = np.arange(self.num_samples) % max(1, len(self.prompts))
+        first = {p: j for j, p in reversed(list(enumerate(self.prompts)))}
+        clusters = np.asarray([first[self.prompts[i % len(self.prompts)]] for i in range(self.num_samples)])
         deltas = [paired_interval(of(label) - of("base"), clusters=clusters, confidence=self.confidence, seed=self.seed)
                   for label in frame["label"]]
         frame["reward_delta"], frame["reward_delta_low"], frame["reward_delta_high"] = (
@@ -488,7 +489,7 @@ def compare_runs(
     from ngdiag.models.loading import load_checkpoint
     from ngdiag.quality import MEASURES
     from ngdiag.train.config import check_reward_spec
-    from ngdiag.workflows.audit import AuditConfig, run_audit
+    from ngdiag.workflows.audit import AuditConfig, prompt_clusters, run_audit
     from ngdiag.workflows.sweep import paired_interval
 
     if len(runs) == 1 and isinstance(runs[0], (list, tuple)):
@@ -565,7 +566,7 @@ def compare_runs(
                               ignore_index=True)
     rewards = pd.concat(rewards, ignore_index=True)
     quality = pd.concat(quality, ignore_index=True)
-    clusters = np.arange(int(num_samples)) % len(prompts)
+    clusters = prompt_clusters(audit, np.arange(int(num_samples)))  # one cluster per distinct prompt
 
     def per_sample(frame: pd.DataFrame, model: str, k: int, column: str) -> np.ndarray:
         sub = frame[(frame["model"] == model) & (frame["steps"] == k)].sort_values("sample")

@@ -282,6 +282,7 @@ def _base_of_run(run: Path) -> Optional[str]:
 
 def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
     from ngdiag.quality import MEASURES
+    from ngdiag.workflows.audit import prompt_clusters
 
     first = audits[checkpoints[0][0]]
     conf = first.config.confidence
@@ -309,7 +310,7 @@ def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
             "t_weighted_ci_high": inf.t_weighted_ci_high,
         }
         seed = int(a.config.seed)
-        clusters = np.arange(a.config.num_samples) % len(a.config.prompts)  # sample i uses prompt i mod P
+        clusters = prompt_clusters(a.config, np.arange(a.config.num_samples))  # one cluster per distinct prompt
         if base_rewards is not None and a.rewards is not None:
             rl = a.rewards[a.rewards["model"] == "rl"].sort_values("sample")
             row["reward"] = float(rl["reward"].mean())

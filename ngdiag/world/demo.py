@@ -201,11 +201,13 @@ def _paired(audit_a, model_a: str, audit_b, model_b: str, column: str, frame: st
     return va - vb
 
 
-def _mean_interval(diff: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``diff`` and its 95 % percentile bootstrap interval over samples (one prompt per sample)."""
+def _mean_interval(diff: np.ndarray, audit, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the per-sample ``diff`` of ``audit``'s samples and its 95 % percentile bootstrap interval, over
+    prompts where samples share a prompt (as the audit's own interval)."""
+    from ngdiag.workflows.audit import prompt_clusters
     from ngdiag.workflows.sweep import paired_interval
 
-    return paired_interval(diff, seed=seed)
+    return paired_interval(diff, clusters=prompt_clusters(audit.config, np.arange(len(diff))), seed=seed)
 
 
 def _fmt_diff(mean: float, low: float, high: float) -> str:
@@ -257,9 +259,9 @@ def _quality_deltas(audit, models: dict) -> pd.DataFrame:
     for label, (other, model) in models.items():
         row = {"vs base": label}
         diff = _paired(other, model, audit, "base", "reward", frame="rewards")
-        row["reward"] = _fmt_diff(*_mean_interval(diff))
+        row["reward"] = _fmt_diff(*_mean_interval(diff, audit))
         for k, name in MEASURE_LABELS.items():
-            row[name] = _fmt_diff(*_mean_interval(_paired(other, model, audit, "base", k)))
+            row[name] = _fmt_diff(*_mean_interval(_paired(other, model, audit, "base", k), audit))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -280,7 +282,7 @@ def _page_renorm(audits: dict) -> dict:
     a = audits["nft-plain"]
     models = {"NFT": (a, "rl"), "NFT + renorm": (a, "rl+renorm")}
     # only the measures where the fine-tune differs from the base beyond the noise (95 % CI excludes 0)
-    gaps = [m for m in ARTEFACTS if np.prod(_mean_interval(_paired(a, "rl", a, "base", m))[1:]) > 0]
+    gaps = [m for m in ARTEFACTS if np.prod(_mean_interval(_paired(a, "rl", a, "base", m), a)[1:]) > 0]
     closed = {MEASURE_LABELS[m]: _gap_closed(a, m) for m in gaps}
     shares = [v for v in closed.values() if v is not None]
     reward = a.summary()["reward"]
@@ -386,8 +388,8 @@ def _page_few_steps(audits: dict, compared, steps: int, report: str) -> dict:
     rows = []
     names = {"A": "nft-plain", "B": "nft-normguard"}
     for run, audit in audits.items():  # the main audits at the full step count
-        sat = _mean_interval(_paired(audit, "rl", audit, "base", "saturation"))
-        rew = _mean_interval(_paired(audit, "rl", audit, "base", "reward", frame="rewards"))
+        sat = _mean_interval(_paired(audit, "rl", audit, "base", "saturation"), audit)
+        rew = _mean_interval(_paired(audit, "rl", audit, "base", "reward", frame="rewards"), audit)
         rows.append({"run": RUN_LABELS[run], "steps": steps, "inflation [95 % CI]": _interval(audit.inflation),
                      "t-weighted": f"{audit.inflation.t_weighted_value:+.1%}",
                      "reward vs base": _fmt_diff(*rew), "saturation vs base": _fmt_diff(*sat)})
