@@ -427,3 +427,25 @@ def test_tokenizer_is_open_clips_for_the_architecture(hps, tiny_arch):
     assert tokens.shape == (2, 77) and tokens.dtype == torch.long
     assert torch.equal(tokens, open_clip.tokenize(PROMPTS))  # the CLIP BPE, <start> ... <end>, zero padded
     assert np.array_equal(tokens[:, 0].numpy(), [49406, 49406])
+
+
+def test_image_encoder_of_an_open_clip_checkpoint_is_encode_image(hps_file, tiny_arch, source_state):
+    """``ngdiag.quality.image_encoder`` on an open_clip checkpoint (the reward spec's syntax) and on an open_clip
+    model object: open_clip's ``encode_image`` after the CLIP-score reward's preprocessing; a Fréchet distance
+    of a set with itself is 0 and grows when the images darken."""
+    from ngdiag.quality import frechet, image_encoder
+
+    encoder = image_encoder(f"clip:{hps_file},arch={tiny_arch}")
+    assert encoder.num_features == TINY_CONFIG["embed_dim"]
+    x = images_of((256, 192), batch=8)
+    model = open_clip.create_model(tiny_arch, pretrained=None)
+    model.load_state_dict(source_state)
+    model.eval()
+    preprocess = OpenClipScoreReward.from_checkpoint(hps_file, clip_arch=tiny_arch).preprocess
+    with torch.no_grad():
+        expected = model.encode_image(preprocess(x))
+    torch.testing.assert_close(encoder.encode(x).float(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(image_encoder(model).encode(x).float(), expected, rtol=1e-5, atol=1e-6)
+    same = frechet(encoder, x, x)
+    assert same.value == pytest.approx(0.0, abs=1e-3) and (same.num_images, same.num_reference) == (8, 8)
+    assert frechet(encoder, x * 0.5, x).value > 10 * max(same.value, 1e-4)

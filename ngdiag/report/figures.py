@@ -57,6 +57,7 @@ __all__ = [
     "sensitivity_spread",
     "training_curves",
     "run_curves",
+    "power_spectrum",
 ]
 
 # Okabe-Ito colour-blind-safe palette.
@@ -160,6 +161,59 @@ def _log_axis(ax, values: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------- audit figures
+def power_spectrum(spectrum: pd.DataFrame, *, reference: str = "base") -> Figure:
+    """Mean radial power spectrum of luma per model (log power against frequency, top) and each
+    model's ratio to ``reference``'s (bottom; 1 = the same power). ``spectrum`` has columns
+    ``frequency`` (cycles per pixel), ``model`` and ``power``, as the audit's ``spectrum.csv``;
+    rings with no power in a model are left out of its line."""
+    _require(spectrum, ("frequency", "model", "power"), "spectrum")
+    models = list(dict.fromkeys(spectrum["model"]))
+    known = ("base", "rl", "rl+renorm")
+    order = [m for m in known if m in models] + [m for m in models if m not in known]
+    curves = {m: spectrum[spectrum["model"] == m].sort_values("frequency") for m in order}
+    positive = spectrum["power"].to_numpy(float)
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    if positive.size == 0:
+        raise ConfigError("the spectrum has no positive power to plot")
+    has_ratio = reference in curves and len(curves) > 1
+    with _style():
+        fig = Figure(figsize=(_WIDE[0], 5.2 if has_ratio else _WIDE[1]), layout="constrained")
+        axes = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2)) if has_ratio else [fig.add_subplot()]
+        ax = axes[0]
+        for i, (model, sub) in enumerate(curves.items()):
+            f, p = sub["frequency"].to_numpy(float), sub["power"].to_numpy(float)
+            ok = np.isfinite(p) & (p > 0)
+            color = MODEL_COLORS.get(model, RUN_COLORS[i % len(RUN_COLORS)])
+            ax.plot(f[ok], p[ok], color=color, marker="o", markersize=2.5, linewidth=1.5, label=str(model))
+        _log_axis(ax, positive)
+        ax.set_ylabel("mean power (luma)")
+        ax.set_title("Radial power spectrum")
+        ax.legend(loc="best", frameon=False)
+        if has_ratio:
+            ax = axes[1]
+            ref = curves[reference].set_index("frequency")["power"]
+            ratios = []
+            for i, (model, sub) in enumerate(curves.items()):
+                if model == reference:
+                    continue
+                mine = sub.set_index("frequency")["power"]
+                joined = pd.concat([mine, ref], axis=1, keys=["m", "r"], join="inner")
+                ok = (joined["r"] > 0) & (joined["m"] > 0)
+                ratio = (joined["m"][ok] / joined["r"][ok])
+                ratios.append(ratio.to_numpy(float))
+                color = MODEL_COLORS.get(model, RUN_COLORS[i % len(RUN_COLORS)])
+                ax.plot(ratio.index.to_numpy(float), ratio.to_numpy(float), color=color, marker="o", markersize=2.5,
+                        linewidth=1.5, label=f"{model} / {reference}")
+            ax.axhline(1.0, color=REF_COLOR, linestyle="--", linewidth=1.2)
+            values = np.concatenate(ratios + [np.array([1.0])])
+            values = values[np.isfinite(values) & (values > 0)]
+            _log_axis(ax, values)
+            ax.set_ylabel(f"power / {reference}")
+            ax.legend(loc="best", frameon=False)
+        axes[-1].set_xlabel("spatial frequency (cycles per pixel)")
+    return fig
+
+
 def ratio_curve(per_step: pd.DataFrame, *, call: str = "guided") -> Figure:
     """Mean ratio ``||v_theta|| / ||v_ref||`` over samples with its CI band, against ``t`` (paper Figure 3).
 

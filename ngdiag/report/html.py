@@ -274,6 +274,47 @@ def _reward_table(reward: Mapping) -> dict:
     return {"name": reward.get("name"), "rows": table_rows, "deltas": deltas, "caption": caption, "scales": scales}
 
 
+_QUALITY_LABELS = {"clipping_rate": "clipping rate", "saturation": "saturation", "colourfulness": "colourfulness",
+                   "high_frequency_energy": "high-frequency energy", "sharpness": "sharpness",
+                   "luminance": "luminance", "contrast": "contrast"}
+
+
+def _quality_section(quality: Mapping, spectrum: Optional[pd.DataFrame]) -> Optional[dict]:
+    """The quality block of the summary as a table (means per model, paired differences against the
+    base with their interval when the summary has one) and the spectrum figure when given."""
+    models = dict(quality.get("models") or {})
+    measures = [str(m) for m in (quality.get("measures") or [])]
+    if not models or not measures:
+        return None
+    deltas = {str(m): quality.get(f"delta_{m.replace('+', '_')}_minus_base") for m in models if m != "base"}
+    deltas = {m: d for m, d in deltas.items() if isinstance(d, Mapping)}
+    headers = ["measure"] + [f"{m} mean" for m in models] + [f"{m} − base" for m in deltas]
+    rows = []
+    for k in measures:
+        row = [_QUALITY_LABELS.get(k, k)]
+        row += [_num((models[m].get(k) or {}).get("mean")) for m in models]
+        for d in deltas.values():
+            entry = d.get(k) or {}
+            text = _num(entry.get("mean"))
+            if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
+                text += f" [{_num(entry.get('ci_low'))}, {_num(entry.get('ci_high'))}]"
+            row.append(text)
+        rows.append(row)
+    interval = quality.get("interval") or {}
+    if interval:
+        level = _plain_percent(interval.get("confidence"))
+        caption = (f"Means over samples; differences are paired (same prompt and seed), "
+                   f"mean [{level} % {interval.get('method')} bootstrap interval over samples]")
+    else:
+        caption = "Means over samples; differences are paired (same prompt and seed), mean over samples"
+    figure = None
+    if spectrum is not None and len(spectrum) and not _missing(spectrum, ("frequency", "model", "power")):
+        figure = _figure(F.power_spectrum, spectrum,
+                         alt="Mean radial power spectrum of every model and its ratio to the base's")
+    return {"table": {"headers": headers, "numeric": [False] + [True] * (len(headers) - 1), "rows": rows},
+            "caption": caption, "spectrum": figure}
+
+
 def _join_words(items: Sequence[str]) -> str:
     """``["a"] -> "a"``, ``["a", "b"] -> "a and b"``, ``["a", "b", "c"] -> "a, b and c"``."""
     items = list(items)
@@ -347,7 +388,8 @@ def _column_labels(per_sample: Optional[pd.DataFrame], n: int) -> Optional[list]
 
 
 def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd.DataFrame,
-                        images: Optional[Mapping] = None, prompts: Optional[Sequence[str]] = None) -> str:
+                        images: Optional[Mapping] = None, prompts: Optional[Sequence[str]] = None,
+                        spectrum: Optional[pd.DataFrame] = None) -> str:
     """The audit report (one self-contained HTML page).
 
     Args:
@@ -360,6 +402,8 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         images: optional model name -> ``(N, 3, H, W)`` in ``[0, 1]``; column ``j`` has the same seed
             in every model.
         prompts: the audit's prompts (sample ``i`` uses ``prompts[i % len(prompts)]``).
+        spectrum: the mean radial power spectrum per model (``AuditResult.spectrum``, the audit's
+            ``spectrum.csv``: ``frequency, model, power``), plotted in the quality section.
 
     Returns:
         The HTML text; write it with :func:`write_html`.
@@ -425,6 +469,7 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         grid=grid,
         renorm=_renorm_block(summary["renorm"]) if summary.get("renorm") else None,
         reward=_reward_table(summary["reward"]) if summary.get("reward") else None,
+        quality=_quality_section(summary["quality"], spectrum) if summary.get("quality") else None,
         step_table=step_table,
         samples=_per_sample_block(per_sample) if "mean_ratio" in per_sample.columns else None,
         prompts=prompts,

@@ -39,7 +39,7 @@ from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import RENORM_TARGETS, rl_renorm_intervention
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
 from ngdiag.core.sampling import sample
-from ngdiag.quality import MEASURES, quality_table
+from ngdiag.quality import MEASURES, paired_differences, quality_table, radial_power_spectrum
 from ngdiag.stats import InflationSummary, inflation_summary, per_step_summary
 
 __all__ = ["AuditConfig", "AuditResult", "AuditWorkflow", "run_audit", "merge_audits", "parse_shard", "SCHEMA_VERSION"]
@@ -124,6 +124,8 @@ class AuditResult:
         quality: per-sample image-quality measures (:mod:`ngdiag.quality`) of every decoded model
             (``sample``, ``model`` and one column per measure; clipping counted before the final clamp),
             when all images are decoded (a reward is given), else ``None``.
+        spectrum: the mean radial power spectrum of luma per model (``frequency`` in cycles per pixel,
+            ``model``, ``power``: the mean over samples), with ``quality``, else ``None``.
         config: the audit config; checkpoint: what was audited.
     """
 
@@ -137,6 +139,7 @@ class AuditResult:
     renorm: Optional[dict] = None
     images: dict = field(default_factory=dict)
     quality: Optional[pd.DataFrame] = None
+    spectrum: Optional[pd.DataFrame] = None
 
     @property
     def verdict(self) -> str:
@@ -189,7 +192,8 @@ class AuditResult:
         if self.rewards is not None:
             out["reward"] = reward_block(self.rewards, self.config.reward)
         if self.quality is not None:
-            out["quality"] = quality_block(self.quality)
+            out["quality"] = quality_block(self.quality, confidence=self.config.confidence, method=self.config.bootstrap,
+                                           n_resamples=self.config.n_resamples, seed=self.config.seed)
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
@@ -208,11 +212,13 @@ class AuditResult:
             from ngdiag.report.html import render_audit_report
 
             html = render_audit_report(summary, self.per_step, self.per_sample, images=self.images or None,
-                                       prompts=self.config.prompts)
+                                       prompts=self.config.prompts, spectrum=self.spectrum)
         out_dir.write("steps.csv", lambda p: self.per_step.to_csv(p, index=False))
         out_dir.write("records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
         if self.quality is not None:
             out_dir.write("quality.csv", lambda p: self.quality.to_csv(p, index=False))
+        if self.spectrum is not None:
+            out_dir.write("spectrum.csv", lambda p: self.spectrum.to_csv(p, index=False))
         if html is not None:
             out_dir.write_text("report.html", html)
         out_dir.write_text("summary.json", json.dumps(summary, indent=2))
@@ -263,9 +269,12 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
     return block
 
 
-def quality_block(quality: pd.DataFrame) -> dict:
+def quality_block(quality: pd.DataFrame, *, confidence: float = 0.95, method: str = "BCa", n_resamples: int = 2000,
+                  seed: int = 0) -> dict:
     """Mean and spread of every quality measure per model, and the paired differences (same prompt and
-    seed) of ``rl`` and ``rl+renorm`` against ``base`` with their standard deviation."""
+    seed) of ``rl`` and ``rl+renorm`` against ``base`` with their standard deviation and a seeded
+    bootstrap interval over samples (``ci_low``, ``ci_high``: :func:`ngdiag.quality.paired_differences`,
+    settings under ``interval``)."""
     block: dict = {"measures": list(MEASURES), "models": {}}
     models = [m for m in ("base", "rl", "rl+renorm") if m in set(quality["model"])]
     for model in models:
@@ -275,12 +284,21 @@ def quality_block(quality: pd.DataFrame) -> dict:
         }
     if "base" in models:
         for model in models[1:]:
+            panel = (paired_differences(quality, model, "base", measures=list(MEASURES), confidence=confidence,
+                                        method=method, n_resamples=n_resamples, seed=seed)
+                     if quality["sample"].nunique() > 1 else None)
             diffs = {}
-            for k in MEASURES:
+            for j, k in enumerate(MEASURES):
                 wide = quality.pivot_table(index="sample", columns="model", values=k, aggfunc="first")
                 d = (wide[model] - wide["base"]).to_numpy(dtype=float)
-                diffs[k] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0}
+                diffs[k] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                            "ci_low": float(panel.ci_low[j]) if panel is not None else None,
+                            "ci_high": float(panel.ci_high[j]) if panel is not None else None}
             block[f"delta_{model.replace('+', '_')}_minus_base"] = diffs
+            if panel is not None:
+                block["interval"] = {"confidence": panel.confidence, "method": panel.method,
+                                     "n_resamples": panel.n_resamples, "seed": panel.seed,
+                                     "unit": "samples (paired: same prompt and seed)"}
     return block
 
 
@@ -312,7 +330,8 @@ class _BatchRunner:
         recorder = PairRecorder(ids)
         main = sample(PairedVelocity(theta_g, ref_g, trajectory=cfg.trajectory, fused=fused), batch.x_init, batch.sigmas,
                       callback=recorder)
-        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": []}
+        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": [],
+               "spectrum": None}
         needs_extra = cfg.renorm or cfg.reward is not None
         grid = [j for j, i in enumerate(ids) if i < cfg.grid_size]
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
@@ -347,6 +366,10 @@ class _BatchRunner:
             if decode_all:
                 table = quality_table(raw)
                 out["quality"] += [{"sample": i, "model": name, **row} for i, row in zip(ids, table.to_dict("records"))]
+                frequency, power = radial_power_spectrum(raw)  # summed here, averaged over all samples at the end
+                spectrum = out["spectrum"] or {"frequency": frequency.tolist(), "count": len(ids), "power_sum": {}}
+                spectrum["power_sum"][name] = power.sum(dim=0).tolist()
+                out["spectrum"] = spectrum
                 with torch.no_grad():
                     scores = self.reward(images.to(self.ckpt.adapter.device), prompts).float().cpu()
                 check_finite(scores, f"the reward of the {name} images are not finite (NaN or inf)", sample_ids=ids,
@@ -422,7 +445,27 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     images = _grid_images(parts["images"], config.grid_size)
     quality = (pd.DataFrame(parts["quality"]).sort_values(["model", "sample"], kind="stable", ignore_index=True)
                if parts.get("quality") else None)
-    return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality)
+    spectrum = _mean_spectrum(parts.get("spectra") or []) if quality is not None else None
+    return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality,
+                       spectrum)
+
+
+def _mean_spectrum(spectra: list) -> Optional[pd.DataFrame]:
+    """The per-model mean radial power spectrum from the batches' sums (in batch order, so that merged
+    shards sum exactly as a single run does); ``None`` when a batch has none (written by an earlier ngdiag)."""
+    if not spectra or any(s is None for s in spectra):
+        return None
+    frequency = np.asarray(spectra[0]["frequency"], dtype=float)
+    count = sum(int(s["count"]) for s in spectra)
+    rows = []
+    models = list(spectra[0]["power_sum"])
+    order = ("base", "rl", "rl+renorm")
+    for model in [m for m in order if m in models] + [m for m in models if m not in order]:
+        total = np.zeros_like(frequency)
+        for s in spectra:
+            total = total + np.asarray(s["power_sum"][model], dtype=float)
+        rows.append(pd.DataFrame({"frequency": frequency, "model": model, "power": total / count}))
+    return pd.concat(rows, ignore_index=True)
 
 
 class AuditWorkflow(Workflow):
@@ -441,14 +484,15 @@ class AuditWorkflow(Workflow):
             arrays = {k.replace("+", "_plus_"): v for k, v in part["images"].items()}
             folder.write(names["images"], lambda p: _savez(p, ids=np.asarray(part["grid_ids"]), **arrays))
         folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"],
-                                                       "quality": part["quality"]}))
+                                                       "quality": part["quality"], "spectrum": part.get("spectrum")}))
         folder.write(names["records"], lambda p: part["record"].to_frame().to_parquet(p, index=False))
 
     def read_part(self, path: Path, b: int) -> dict:
         names = {k: path / v for k, v in self.part_paths(b).items()}
         extras = json.loads(names["extras"].read_text(encoding="utf-8"))
         part = {"record": NormRecord.from_frame(pd.read_parquet(names["records"])), "rewards": extras["rewards"],
-                "distances": extras["distances"], "quality": extras.get("quality", []), "images": {}, "grid_ids": []}
+                "distances": extras["distances"], "quality": extras.get("quality", []),
+                "spectrum": extras.get("spectrum"), "images": {}, "grid_ids": []}
         if names["images"].is_file():
             with np.load(names["images"]) as data:
                 part["grid_ids"] = data["ids"]
@@ -459,6 +503,7 @@ class AuditWorkflow(Workflow):
         joined = {"records": [p["record"] for p in parts], "rewards": [r for p in parts for r in p["rewards"]],
                   "distances": [d for p in parts for d in p["distances"]],
                   "quality": [q for p in parts for q in p.get("quality", [])],
+                  "spectra": [p.get("spectrum") for p in parts],
                   "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]]}
         return _finalize(joined, self.config, self.checkpoint)
 
