@@ -24,7 +24,8 @@ CLI = [sys.executable, "-m", "ngdiag.cli"]
 
 # (command, working-directory-relative output -> file in reports/)
 DEMO_PAGES = ["index.html", "1-inflation.html", "2-renorm.html", "3-sensitivity.html", "4-normguard.html",
-              "5-few-steps.html", "6-checkpoints.html", "demo.json"]
+              "5-few-steps.html", "6-checkpoints.html", "demo.json", "runs/compare.html",
+              "runs/nft-plain-sweep/report.html", "runs/nft-normguard-sweep/report.html"]
 COMMANDS = [
     (CLI + ["demo", "--out", "world-demo"], {f"world-demo/{page}": f"demo/{page}" for page in DEMO_PAGES}),
     ([sys.executable, "-m", "ngdiag.demo", "--out", "demo-out"],
@@ -39,6 +40,11 @@ COMMANDS = [
     (CLI + ["sensitivity", "runs/tiny-nft-plain/checkpoint-20", "--base", "tiny-sd3", "--reward", "brightness",
             "--num-samples", "8", "--steps", "10", "--guidance-scale", "1", "--out", "sens-nft-plain", "--quiet"],
      {"sens-nft-plain/report.html": "tiny-nft-sensitivity.html"}),
+    (CLI + ["sweep", "runs/tiny-nft-plain", "--reward", "brightness", "--num-samples", "8", "--threshold", "5",
+            "--out", "sweep-nft-plain", "--quiet"], {"sweep-nft-plain/report.html": "tiny-nft-sweep.html"}),
+    (CLI + ["compare", "--num-samples", "8", "--steps", "10", "--prompt", "a fox in the snow", "--prompt", "a red bicycle",
+            "runs/tiny-nft-plain/checkpoint-10", "runs/tiny-nft-plain", "runs/tiny-nft-normguard", "--out", "compare-3.html",
+            "--quiet"], {"compare-3.html": "tiny-nft-compare-3.html"}),
 ]
 
 

@@ -308,13 +308,15 @@ def test_audit_quality_block_has_intervals_spectrum_and_report(tiny_bases, tmp_p
     result = run_audit(ckpt, cfg, out_dir=tmp_path / "single")
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     block = summary["quality"]
-    assert block["interval"]["method"] == "BCa" and block["interval"]["n_resamples"] == cfg.n_resamples
+    # 4 samples on 2 prompts: the paired differences are resampled over prompts, as the inflation is
+    assert block["interval"]["unit"].startswith("prompts (2 prompts") and block["interval"]["n_resamples"] == cfg.n_resamples
     for key in ("delta_rl_minus_base", "delta_rl_renorm_minus_base"):
         for measure in MEASURES:
             entry = block[key][measure]
             assert set(entry) == {"mean", "std", "ci_low", "ci_high"}
             assert entry["ci_low"] <= entry["mean"] + 1e-12 and entry["mean"] <= entry["ci_high"] + 1e-12
-    panel = paired_differences(result.quality, "rl", seed=cfg.seed)
+    panel = paired_differences(result.quality, "rl", seed=cfg.seed, clusters=[0, 1, 0, 1])
+    assert block["interval"]["method"] == panel.method
     assert block["delta_rl_minus_base"]["saturation"]["ci_low"] == float(panel.ci_low[1])
     # the spectrum: mean over samples per model; renormalising the 1.08 model gives back the base's images
     spectrum = pd.read_csv(tmp_path / "single" / "spectrum.csv")

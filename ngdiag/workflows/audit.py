@@ -192,8 +192,10 @@ class AuditResult:
         if self.rewards is not None:
             out["reward"] = reward_block(self.rewards, self.config.reward)
         if self.quality is not None:
+            samples = np.sort(self.quality["sample"].unique())
             out["quality"] = quality_block(self.quality, confidence=self.config.confidence, method=self.config.bootstrap,
-                                           n_resamples=self.config.n_resamples, seed=self.config.seed)
+                                           n_resamples=self.config.n_resamples, seed=self.config.seed,
+                                           clusters=prompt_clusters(self.config, samples))
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
@@ -270,11 +272,19 @@ def reward_block(rewards: pd.DataFrame, spec: Optional[str]) -> dict:
 
 
 def quality_block(quality: pd.DataFrame, *, confidence: float = 0.95, method: str = "BCa", n_resamples: int = 2000,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, clusters=None) -> dict:
     """Mean and spread of every quality measure per model, and the paired differences (same prompt and
     seed) of ``rl`` and ``rl+renorm`` against ``base`` with their standard deviation and a seeded
-    bootstrap interval over samples (``ci_low``, ``ci_high``: :func:`ngdiag.quality.paired_differences`,
-    settings under ``interval``)."""
+    bootstrap interval (``ci_low``, ``ci_high``: :func:`ngdiag.quality.paired_differences`, settings
+    under ``interval``): over samples, or over prompts when ``clusters`` (each sample's prompt, in sample
+    order: :func:`prompt_clusters`) repeats, as the inflation's interval."""
+    unit = "samples (paired: same prompt and seed)"
+    if clusters is not None:
+        clusters = np.asarray(clusters)
+        if len(np.unique(clusters)) in (1, len(clusters)):
+            clusters = None  # nothing to cluster: the samples are resampled, as for the inflation
+        else:
+            unit = f"prompts ({len(np.unique(clusters))} prompts; paired: same prompt and seed)"
     block: dict = {"measures": list(MEASURES), "models": {}}
     models = [m for m in ("base", "rl", "rl+renorm") if m in set(quality["model"])]
     for model in models:
@@ -285,7 +295,7 @@ def quality_block(quality: pd.DataFrame, *, confidence: float = 0.95, method: st
     if "base" in models:
         for model in models[1:]:
             panel = (paired_differences(quality, model, "base", measures=list(MEASURES), confidence=confidence,
-                                        method=method, n_resamples=n_resamples, seed=seed)
+                                        method=method, n_resamples=n_resamples, seed=seed, clusters=clusters)
                      if quality["sample"].nunique() > 1 else None)
             diffs = {}
             for j, k in enumerate(MEASURES):
@@ -298,7 +308,7 @@ def quality_block(quality: pd.DataFrame, *, confidence: float = 0.95, method: st
             if panel is not None:
                 block["interval"] = {"confidence": panel.confidence, "method": panel.method,
                                      "n_resamples": panel.n_resamples, "seed": panel.seed,
-                                     "unit": "samples (paired: same prompt and seed)"}
+                                     "unit": unit}
     return block
 
 

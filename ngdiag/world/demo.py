@@ -138,16 +138,18 @@ def _audit(world: _World, checkpoint: Path, out: Path, settings: DemoSettings, *
     return run_audit(ckpt, config, out_dir=out, overwrite=True)
 
 
-def _sensitivity(world: _World, checkpoint: Path, out: Path, settings: DemoSettings):
+def _sensitivity(world: _World, checkpoint: Path, out: Path, settings: DemoSettings, audit: Path):
     from ngdiag.models.generation import SamplingConfig
     from ngdiag.models.loading import load_checkpoint
-    from ngdiag.workflows.sensitivity import SensitivityConfig, run_sensitivity
+    from ngdiag.workflows.sensitivity import SensitivityConfig, audit_reference, run_sensitivity
 
     ckpt = load_checkpoint(checkpoint, world.base)
     n = settings.sensitivity_samples
+    measured = audit_reference(audit)  # the audit's inflation, and its reward change under renorm
     config = SensitivityConfig(
         prompts=_prompts(n), num_samples=n, seed=settings.seed, batch_size=n, reward=world.reward,
         sampling=SamplingConfig(num_steps=settings.sensitivity_steps, guidance_scale=settings.guidance),
+        inflation=measured["inflation"], audit=measured,
     )
     return run_sensitivity(ckpt, config, out_dir=out, overwrite=True)
 
@@ -328,15 +330,30 @@ def _page_sensitivity(run) -> dict:
     agrees = nsr is not None and nsr >= 3
     verdict = (f"{'Agrees' if agrees else 'Does not agree'} with the paper: the median noise-to-signal ratio of S(t) "
                f"over steps is {nsr:.1f} (paper: 3x-100x); mean |E S| {mean_abs:.3g} against a spread of {std_mean:.3g}.")
-    table = per_step[["step", "t", "mean", "std", "nsr", "frac_positive"]].copy()
+    table = per_step[[c for c in ("step", "t", "mean", "mean_ci_low", "mean_ci_high", "std", "nsr", "frac_positive")
+                      if c in per_step.columns]].copy()
+    dr = summary["directional_derivative"]
+    first = summary.get("first_order_reward_change")
+    cost = ""
+    if first is not None:
+        cost = (f"Removing the audit's inflation ({first['inflation']:+.1%}, every step's velocity scaled by "
+                f"1 / (1 + I)) changes the reward by {first['mean']:+.4g} [{first['ci_low']:+.4g}, {first['ci_high']:+.4g}] "
+                "to first order (eps · dR/d(eps)).")
+        measured = first.get("measured_renorm_reward_change")
+        if measured:
+            cost += (f" The audit measured RL renormalization (eq. 3, each step rescaled to ||v_ref||) changing it by "
+                     f"{measured['mean']:+.4g} ± {measured['stderr']:.3g} (standard error, {measured['num_samples']} samples): "
+                     "the paper's Table 1 change next to the first-order prediction. They agree only as far as the "
+                     "inflation is uniform along the trajectory.")
     return {
         "id": "sensitivity", "title": ANALYSES["3-sensitivity"], "verdict": verdict,
         "paragraphs": [
             "What was measured: S(t) = v_θ · a(t), the derivative of the world reward with respect to a uniform "
             "rescaling of the velocity at step t, from the exact discrete adjoint of the sampler, per sample and step "
             f"({summary['num_samples']} samples, {summary['num_steps']} steps); NSR = std / |mean| over samples.",
-            f"dR/d(eps) of a global rescaling: {summary['directional_derivative']['mean']:+.4g} ± "
-            f"{summary['directional_derivative']['std']:.4g} over samples.",
+            f"dR/d(eps) of a global rescaling: {dr['mean']:+.4g} [{dr['ci_low']:+.4g}, {dr['ci_high']:+.4g}] "
+            f"(95 % interval over samples; std {dr['std']:.4g}).",
+            *([cost] if cost else []),
             "Rule: agrees when the median NSR is at least 3 (no coherent reward signal in the norm).",
             "The full sensitivity report, and the report of every audit behind these pages, are in the demo's "
             "output folder under runs/.",
@@ -534,7 +551,8 @@ def _run_demo(folder, *, quick: bool, world, progress: Progress) -> dict:
             world, world.final(run), runs / f"{run}-{settings.steps}steps", settings, steps=settings.steps,
             num_samples=settings.num_samples, renorm=True))
     _say(progress, f"sensitivity of nft-plain ({settings.sensitivity_samples} samples)")
-    sens = timed("sensitivity", lambda: _sensitivity(world, world.final("nft-plain"), runs / "sensitivity", settings))
+    sens = timed("sensitivity", lambda: _sensitivity(world, world.final("nft-plain"), runs / "sensitivity", settings,
+                                                     runs / f"nft-plain-{settings.steps}steps"))
     _say(progress, f"compare of both runs at {', '.join(map(str, settings.few_steps))} steps")
     compared = timed("compare", lambda: _compare(world, settings))
     folder.write_text("runs/compare.html", compared.render_html())
