@@ -609,6 +609,22 @@ def image_encoder(spec, *, device=None, dtype: Optional[torch.dtype] = None, nam
     return encoder
 
 
+def check_encoder_spec(spec: str) -> None:
+    """Check an image-encoder spec (its kind and that its path exists) without loading any weights."""
+    from ngdiag.rewards.specs import existing_path, split_reward_spec
+
+    text = str(spec)
+    if Path(text).expanduser().exists():
+        if not Path(text).expanduser().is_dir():
+            raise ConfigError(f"an image encoder file needs its kind and architecture: clip:{text},arch=ViT-B-32")
+        return
+    kind, path, _ = split_reward_spec(text)
+    if path is None:
+        raise ConfigError(f"{text!r} is not an image encoder: use clip:DIR, pickscore:DIR, world:DIR, hpsv2:FILE "
+                          "or a CLIP folder")
+    existing_path(path)
+
+
 def _encoder_from_spec(spec, device, dtype) -> ImageEncoder:
     from ngdiag.rewards.specs import existing_path, split_reward_spec
     from ngdiag.world.judge import load_judge
@@ -723,6 +739,18 @@ class _Features(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+def frechet_of_features(features, reference, *, encoder: str = "features") -> FrechetResult:
+    """:class:`FrechetResult` of two feature sets already computed (``(N, D)`` and ``(M, D)``, ``N, M >= 2``)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    r = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
+    if x.ndim != 2 or r.ndim != 2 or x.shape[1] != r.shape[1]:
+        raise ConfigError(f"feature sets must be (N, D) and (M, D) with the same D, got {tuple(x.shape)} and {tuple(r.shape)}")
+    if len(x) < 2 or len(r) < 2:
+        raise ConfigError("a Fréchet distance needs at least 2 images on each side")
+    return FrechetResult(value=_frechet_of_features(x, r), num_images=len(x), num_reference=len(r), encoder=encoder,
+                         num_features=int(x.shape[1]))
 
 
 def _frechet_of_features(features: torch.Tensor, reference: torch.Tensor) -> float:

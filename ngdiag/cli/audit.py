@@ -71,6 +71,9 @@ def register(app: typer.Typer) -> None:
         reward: Annotated[Optional[str], typer.Option(help=f"Reward spec: {reward_kinds_help()}.")] = None,
         tolerance: Annotated[float, typer.Option(parser=finite_float, help="Verdict tolerance as a fraction (0.01 = 1 %).")] = 0.01,
         confidence: Annotated[float, typer.Option(parser=finite_float, help="Confidence level of the interval.")] = 0.95,
+        fd_encoder: Annotated[Optional[str], typer.Option(
+            help="Image encoder for a Fréchet distance of each model to the base (needs --reward): clip:DIR, "
+                 "pickscore:DIR, world:DIR, hpsv2:FILE or a CLIP folder.")] = None,
         fail_on_inflation: Annotated[Optional[float], typer.Option(
             parser=finite_float, help="Exit 1 when the CI's lower end exceeds this inflation in percent.")] = None,
     ):
@@ -90,12 +93,17 @@ def register(app: typer.Typer) -> None:
         if fail_on_inflation is not None and fail_on_inflation < 0:
             raise ConfigError("--fail-on-inflation must be a non-negative percentage")
 
+        if fd_encoder is not None:
+            from ngdiag.quality import check_encoder_spec
+
+            check_encoder_spec(fd_encoder)
+
         def make_config(prompts, sampling):
             from ngdiag.workflows.audit import AuditConfig
 
             return AuditConfig(prompts=prompts, num_samples=options.num_samples, sampling=sampling, seed=options.seed,
                                batch_size=options.batch_size, trajectory=trajectory, renorm=renorm, reward=reward,
-                               tolerance=tolerance, confidence=confidence)
+                               tolerance=tolerance, confidence=confidence, fd_encoder=fd_encoder)
 
         summary = command.run(options, reward=reward, make_config=make_config, needs_ref=True)
         if summary is not None and fail_on_inflation is not None and summary["inflation"]["ci_low"] * 100 > fail_on_inflation:

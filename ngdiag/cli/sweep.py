@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Sample i uses seed + i (0 <= seed, seed + samples - 1 < 2**63).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
         reward: Annotated[Optional[str], typer.Option(help=f"Reward spec (reward and quality against the base): {reward_kinds_help()}.")] = None,
+        fd_encoder: Annotated[Optional[str], typer.Option(help="Image encoder for a Fréchet distance of each checkpoint's images to the base's (needs --reward): clip:DIR, pickscore:DIR, world:DIR, hpsv2:FILE.")] = None,
         threshold: Annotated[float, typer.Option(parser=finite_float, help="Mark the first checkpoint whose inflation interval lies above this, in percent.")] = 0.0,
         confidence: Annotated[float, typer.Option(parser=finite_float, help="Confidence level of the intervals.")] = 0.95,
         out: Annotated[Path, typer.Option(help="Sweep folder (one audit folder per checkpoint inside; a rerun resumes).")] = Path("sweep-out"),
@@ -90,6 +91,10 @@ def register(app: typer.Typer) -> None:
             from ngdiag.rewards.specs import parse_reward_spec
 
             parse_reward_spec(reward)
+        if fd_encoder is not None:
+            from ngdiag.quality import check_encoder_spec
+
+            check_encoder_spec(fd_encoder)
         if threshold <= -100:
             from ngdiag.core.errors import ConfigError
 
@@ -98,7 +103,7 @@ def register(app: typer.Typer) -> None:
         given = sampling_options(steps, guidance_scale, height, width, None, None, None)
         sampling = sampling_config(str(checkpoints[-1][1]), given, None, notes)
         config = AuditConfig(prompts=prompts, num_samples=num_samples or len(prompts), sampling=sampling, seed=seed,
-                             batch_size=batch_size, reward=reward, confidence=confidence)
+                             batch_size=batch_size, reward=reward, confidence=confidence, fd_encoder=fd_encoder)
         check_sweep_output(out, [("run", Path(run_dir).resolve()), *([("base", base)] if base else [])])
         notes.append(f"sweep: {len(checkpoints)} checkpoints ({', '.join(f'checkpoint-{n}' for n, _ in checkpoints)}), "
                      f"{config.num_samples} samples each; {describe_sampling(sampling)}")

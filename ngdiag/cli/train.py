@@ -131,6 +131,7 @@ def register(app: typer.Typer) -> None:
             parser=finite_float, help="CFG scale [default: run A's training guidance].")] = None,
         seed: Annotated[int, typer.Option(help="Sample i uses seed + i (0 <= seed, seed + samples - 1 < 2**63).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
+        fd_encoder: Annotated[Optional[str], typer.Option(help="Image encoder for a Fréchet distance of each run's images to the base's: clip:DIR, pickscore:DIR, world:DIR, hpsv2:FILE.")] = None,
         baseline: Annotated[str, typer.Option(help="What the paired differences are taken against: base, or a run's label (A, B...).")] = "base",
         out: Annotated[Path, typer.Option(help="Output HTML report.")] = Path("compare.html"),
         device: Device = "auto",
@@ -157,6 +158,10 @@ def register(app: typer.Typer) -> None:
             from ngdiag.rewards.specs import parse_reward_spec
 
             parse_reward_spec(reward)
+        if fd_encoder is not None:
+            from ngdiag.quality import check_encoder_spec
+
+            check_encoder_spec(fd_encoder)
         notes: list = []
         held_out = read_prompts(prompts_file, prompt, notes) if (prompts_file is not None or prompt) else None
         from ngdiag.workflows.compare import check_compare_output, compare_runs, load_runs, run_inputs
@@ -178,7 +183,7 @@ def register(app: typer.Typer) -> None:
         with Progress("compare", "audit", len(infos) * len(step_list), enabled=not quiet) as bar:
             result = compare_runs(
                 infos, steps=step_list, reward=reward, prompts=held_out, num_samples=num_samples,
-                guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, baseline=baseline,
+                guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, baseline=baseline, fd_encoder=fd_encoder,
                 device=resolved_device, progress=lambda done, total: bar.advance_to(done),
             )
         path = result.save_html(out, overwrite=overwrite)

@@ -303,10 +303,18 @@ def _quality_section(quality: Mapping, spectrum: Optional[pd.DataFrame]) -> Opti
     interval = quality.get("interval") or {}
     if interval:
         level = _plain_percent(interval.get("confidence"))
+        unit = str(interval.get("unit") or "samples").split(" (")[0]
         caption = (f"Means over samples; differences are paired (same prompt and seed), "
-                   f"mean [{level} % {interval.get('method')} bootstrap interval over samples]")
+                   f"mean [{level} % {interval.get('method')} bootstrap interval over {unit}]")
     else:
         caption = "Means over samples; differences are paired (same prompt and seed), mean over samples"
+    frechet = quality.get("frechet") or {}
+    distances = {m: v for m, v in frechet.items() if isinstance(v, Mapping) and v.get("value") is not None}
+    if distances:
+        parts = [f"{m} {_num(v['value'])} ({v['num_images']} vs {v['num_reference']} images)" for m, v in distances.items()]
+        caption += (f". Fréchet distance to the base's images, features of {frechet.get('encoder')} "
+                    f"({next(iter(distances.values())).get('num_features')} wide; biased upwards at small samples, "
+                    f"compare only at equal sizes): " + "; ".join(parts))
     figure = None
     if spectrum is not None and len(spectrum) and not _missing(spectrum, ("frequency", "model", "power")):
         figure = _figure(F.power_spectrum, spectrum,

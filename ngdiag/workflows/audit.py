@@ -19,7 +19,7 @@ every batched forward is identical).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -68,6 +68,9 @@ class AuditConfig(SampleSet):
         fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
             (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster, and
             only for adapters peft can mix: not DoRA).
+        fd_encoder: an image encoder (:func:`ngdiag.quality.image_encoder` spec: ``clip:DIR``,
+            ``pickscore:DIR``, ``world:DIR``, ``hpsv2:FILE``...) whose features of every decoded image give a
+            Fréchet distance of each model to the base (needs ``reward``: all images are decoded then).
         sample_base: with a reward, also sample the base on its own trajectory and score it (the
             default). ``ngdiag sweep`` and ``ngdiag compare`` sample the base once for many
             checkpoints and turn it off for the others; it needs ``trajectory="theta"`` and no
@@ -85,6 +88,7 @@ class AuditConfig(SampleSet):
     grid_size: int = 4
     fuse_lora: Optional[bool] = None
     sample_base: bool = True
+    fd_encoder: Optional[str] = None
 
     _needs_two = "an audit needs at least 2 samples for a confidence interval"
 
@@ -98,6 +102,8 @@ class AuditConfig(SampleSet):
             raise ConfigError(f"confidence must lie in (0, 1), got {self.confidence}")
         if self.tolerance < 0:
             raise ConfigError(f"tolerance must be non-negative, got {self.tolerance}")
+        if self.fd_encoder is not None and self.reward is None:
+            raise ConfigError("a Fréchet distance (fd_encoder) needs a reward: images are decoded only with one")
         if not self.sample_base and (self.trajectory != "theta" or self.renorm):
             raise ConfigError("sample_base=False needs trajectory='theta' and no renorm (both use the base's samples)")
 
@@ -106,6 +112,8 @@ class AuditConfig(SampleSet):
         if d.get("sample_base", True):
             # the default is left out, so the fingerprints of audits made before the option existed still match
             d.pop("sample_base", None)
+        if d.get("fd_encoder") is None:
+            d.pop("fd_encoder", None)
         return d
 
 
@@ -126,6 +134,8 @@ class AuditResult:
             when all images are decoded (a reward is given), else ``None``.
         spectrum: the mean radial power spectrum of luma per model (``frequency`` in cycles per pixel,
             ``model``, ``power``: the mean over samples), with ``quality``, else ``None``.
+        features: ``{model: (N, D) array}`` of the ``fd_encoder``'s features of every image, in sample order.
+        frechet: ``{model: FrechetResult}`` of every model other than the base against the base's images.
         config: the audit config; checkpoint: what was audited.
     """
 
@@ -140,6 +150,8 @@ class AuditResult:
     images: dict = field(default_factory=dict)
     quality: Optional[pd.DataFrame] = None
     spectrum: Optional[pd.DataFrame] = None
+    features: dict = field(default_factory=dict)
+    frechet: dict = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -196,6 +208,9 @@ class AuditResult:
             out["quality"] = quality_block(self.quality, confidence=self.config.confidence, method=self.config.bootstrap,
                                            n_resamples=self.config.n_resamples, seed=self.config.seed,
                                            clusters=prompt_clusters(self.config, samples))
+            if self.frechet:
+                out["quality"]["frechet"] = {"encoder": self.config.fd_encoder,
+                                             **{m: asdict(r) for m, r in self.frechet.items()}}
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
@@ -316,10 +331,11 @@ def quality_block(quality: pd.DataFrame, *, confidence: float = 0.95, method: st
 class _BatchRunner:
     """Runs one batch: the paired trajectory, plus base / renorm trajectories and rewards when asked."""
 
-    def __init__(self, checkpoint: Checkpoint, config: AuditConfig, reward=None):
+    def __init__(self, checkpoint: Checkpoint, config: AuditConfig, reward=None, encoder=None):
         self.ckpt = checkpoint
         self.config = config
         self.reward = reward
+        self.encoder = encoder
         self.ref = checkpoint.require_ref()
 
     def _fusable(self) -> bool:
@@ -341,7 +357,7 @@ class _BatchRunner:
         main = sample(PairedVelocity(theta_g, ref_g, trajectory=cfg.trajectory, fused=fused), batch.x_init, batch.sigmas,
                       callback=recorder)
         out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": [],
-               "spectrum": None}
+               "spectrum": None, "features": {}}
         needs_extra = cfg.renorm or cfg.reward is not None
         grid = [j for j, i in enumerate(ids) if i < cfg.grid_size]
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
@@ -385,6 +401,8 @@ class _BatchRunner:
                 check_finite(scores, f"the reward of the {name} images are not finite (NaN or inf)", sample_ids=ids,
                              hint=f"({cfg.reward})")
                 out["rewards"] += [{"sample": i, "model": name, "reward": float(s)} for i, s in zip(ids, scores)]
+                if self.encoder is not None:
+                    out["features"][name] = self.encoder.encode(images).numpy()
                 images = images[grid]
             if grid:
                 out["images"][name] = images.numpy()
@@ -456,8 +474,25 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     quality = (pd.DataFrame(parts["quality"]).sort_values(["model", "sample"], kind="stable", ignore_index=True)
                if parts.get("quality") else None)
     spectrum = _mean_spectrum(parts.get("spectra") or []) if quality is not None else None
+    features, frechet = _features(parts.get("features") or [], config)
     return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality,
-                       spectrum)
+                       spectrum, features, frechet)
+
+
+def _features(parts: list, config: AuditConfig) -> tuple:
+    """The encoder's features per model in sample order, and each model's Fréchet distance to the base."""
+    from ngdiag.quality import frechet_of_features
+
+    if not parts or any(not f for _, f in parts):
+        return {}, {}
+    ids = np.concatenate([np.asarray(i) for i, _ in parts])
+    order = np.argsort(ids, kind="stable")
+    features = {m: np.concatenate([f[m] for _, f in parts])[order] for m in parts[0][1]}
+    frechet = {}
+    if "base" in features and config.num_samples >= 2:
+        for model in (m for m in ("rl", "rl+renorm") if m in features):
+            frechet[model] = frechet_of_features(features[model], features["base"], encoder=str(config.fd_encoder))
+    return features, frechet
 
 
 def _mean_spectrum(spectra: list) -> Optional[pd.DataFrame]:
@@ -486,13 +521,16 @@ class AuditWorkflow(Workflow):
     title = "an audit"
     merge_command = "ngdiag merge"
     config_type = AuditConfig
-    part_files = ("images.npz", "extras.json", "records.parquet")  # the records last: they mark the batch done
+    part_files = ("images.npz", "features.npz", "extras.json", "records.parquet")  # the records last: they mark the batch done
 
     def write_part(self, folder: RunFolder, b: int, part: dict) -> None:
         names = self.part_paths(b)
         if part["images"]:
             arrays = {k.replace("+", "_plus_"): v for k, v in part["images"].items()}
             folder.write(names["images"], lambda p: _savez(p, ids=np.asarray(part["grid_ids"]), **arrays))
+        if part.get("features"):
+            arrays = {k.replace("+", "_plus_"): v for k, v in part["features"].items()}
+            folder.write(names["features"], lambda p: _savez(p, ids=np.asarray(part["ids"]), **arrays))
         folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"],
                                                        "quality": part["quality"], "spectrum": part.get("spectrum")}))
         folder.write(names["records"], lambda p: part["record"].to_frame().to_parquet(p, index=False))
@@ -507,6 +545,11 @@ class AuditWorkflow(Workflow):
             with np.load(names["images"]) as data:
                 part["grid_ids"] = data["ids"]
                 part["images"] = {key.replace("_plus_", "+"): data[key] for key in data.files if key != "ids"}
+        part["features"], part["ids"] = {}, part["record"].sample_ids
+        if names["features"].is_file():
+            with np.load(names["features"]) as data:
+                part["ids"] = data["ids"]
+                part["features"] = {key.replace("_plus_", "+"): data[key] for key in data.files if key != "ids"}
         return part
 
     def finalize(self, parts: list) -> AuditResult:
@@ -514,6 +557,7 @@ class AuditWorkflow(Workflow):
                   "distances": [d for p in parts for d in p["distances"]],
                   "quality": [q for p in parts for q in p.get("quality", [])],
                   "spectra": [p.get("spectrum") for p in parts],
+                  "features": [(p["ids"], p.get("features") or {}) for p in parts] if self.config.fd_encoder else [],
                   "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]]}
         return _finalize(joined, self.config, self.checkpoint)
 
@@ -551,8 +595,13 @@ def run_audit(checkpoint: Checkpoint, config: AuditConfig, *, out_dir=None, shar
         from ngdiag.rewards.scorers import load_reward
 
         reward = load_reward(config.reward, device=checkpoint.adapter.device)
+    encoder = None
+    if config.fd_encoder is not None:
+        from ngdiag.quality import image_encoder
+
+        encoder = image_encoder(config.fd_encoder, device=checkpoint.adapter.device)
     workflow = AuditWorkflow(config, checkpoint.describe())
-    runner = _BatchRunner(checkpoint, config, reward)
+    runner = _BatchRunner(checkpoint, config, reward, encoder)
     return run_workflow(workflow, runner.run, out_dir=out_dir, shard=shard, overwrite=overwrite, progress=progress,
                         report=report)
 

@@ -296,6 +296,7 @@ class CompareResult:
                 "CI low %": rec["ci_low_pct"],
                 "CI high %": rec["ci_high_pct"],
                 "t-weighted %": rec.get("t_weighted_pct"),
+                **({"Fréchet distance to base": rec.get("frechet")} if "frechet" in self.table.columns else {}),
                 "verdict": rec["verdict"],
             }
             for rec in sorted(_records(self.table), key=lambda r: (-int(r["steps"]), r["model"] != "base", str(r["model"])))
@@ -456,6 +457,7 @@ def compare_runs(
     batch_size: int = 4,
     grid_size: int = 4,
     baseline: str = "base",
+    fd_encoder: Optional[str] = None,
     device="cpu",
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> CompareResult:
@@ -472,6 +474,8 @@ def compare_runs(
         seed: sample ``i`` uses seed ``seed + i`` and prompt ``i mod len(prompts)``.
         batch_size, grid_size: audit batch size and number of images per grid.
         baseline: ``"base"`` or a run's label (``"A"``): what the paired differences are taken against.
+        fd_encoder: an image-encoder spec (``world:DIR``, ``clip:DIR``...): each run's Fréchet distance to
+            the base's images at each step count (``frechet`` in the table).
         device: where the models run.
         progress: ``f(done, total)`` after each audit (``len(runs) * len(steps)`` audits).
 
@@ -515,6 +519,7 @@ def compare_runs(
     per_step, rewards, rows, quality = [], [], [], []
     log_ratios: Dict[tuple, np.ndarray] = {}
     inflations: Dict[tuple, object] = {}
+    features: Dict[tuple, np.ndarray] = {}
     images: Dict[str, dict] = {}
     total, done = len(infos) * len(steps), 0
     base_rows: Dict[int, dict] = {}
@@ -523,7 +528,8 @@ def compare_runs(
         for k in steps:
             sampling = dataclasses.replace(cfg.sampling, num_steps=k, guidance_scale=guidance)
             audit = AuditConfig(prompts=prompts, num_samples=int(num_samples), sampling=sampling, seed=int(seed),
-                                batch_size=int(batch_size), reward=spec, grid_size=int(grid_size), sample_base=index == 0)
+                                batch_size=int(batch_size), reward=spec, grid_size=int(grid_size), sample_base=index == 0,
+                                fd_encoder=fd_encoder)
             result = run_audit(ckpt, audit, report=False)
             guided = result.per_step[result.per_step["call"] == "guided"]
             frame = guided[["step", "t", "mean_ratio", "ci_low", "ci_high"]].copy()
@@ -531,6 +537,9 @@ def compare_runs(
             frame.insert(0, "model", run.label)
             per_step.append(frame)
             inflations[(run.label, k)] = result.inflation
+            for model_key, name in (("rl", run.label), ("base", "base")):
+                if model_key in result.features:
+                    features[(name, k)] = result.features[model_key]
             log_ratios[(run.label, k)] = result.per_sample.sort_values("sample")["log_ratio"].to_numpy(float)
             for model_key, name in (("rl", run.label), ("base", "base")):
                 sub = result.rewards[result.rewards["model"] == model_key]
@@ -560,6 +569,13 @@ def compare_runs(
             if progress is not None:
                 progress(done, total)
         del ckpt
+    if features:
+        from ngdiag.quality import frechet_of_features
+
+        for row in rows:
+            mine, base_f = features.get((row["model"], row["steps"])), features.get(("base", row["steps"]))
+            if mine is not None and base_f is not None:
+                row["frechet"] = frechet_of_features(mine, base_f, encoder=str(fd_encoder)).value
     order = {"base": -1, **{label: i for i, label in enumerate(labels)}}
     table = pd.DataFrame(list(base_rows.values()) + rows)
     table = table.sort_values(by=["steps", "model"], key=lambda c: c.map(order) if c.name == "model" else -c,

@@ -291,6 +291,7 @@ def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
         base_rewards = first.rewards[first.rewards["model"] == "base"].sort_values("sample")
     if first.quality is not None:
         base_quality = first.quality[first.quality["model"] == "base"].sort_values("sample")
+    base_features = first.features.get("base")
     rows, curves = [], []
     for n, path in checkpoints:
         a = audits[n]
@@ -324,6 +325,11 @@ def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
                 mean, lo, hi = paired_interval(rl[k].to_numpy(float) - base_quality[k].to_numpy(float),
                                                clusters=clusters, confidence=conf, seed=seed)
                 row.update({f"{k}_delta": mean, f"{k}_delta_low": lo, f"{k}_delta_high": hi})
+        if base_features is not None and "rl" in a.features:
+            from ngdiag.quality import frechet_of_features
+
+            fd = frechet_of_features(a.features["rl"], base_features, encoder=str(a.config.fd_encoder))
+            row.update({"frechet": fd.value, "frechet_images": fd.num_images})
         rows.append(row)
         guided = a.per_step[a.per_step["call"] == "guided"][["step", "t", "mean_ratio", "ci_low", "ci_high"]].copy()
         guided.insert(0, "iteration", n)
@@ -376,6 +382,9 @@ def _render_report(result: SweepResult) -> str:
         cols = {"checkpoint": [f"checkpoint-{n}" for n in t["iteration"]], "reward": [f"{v:.4f}" for v in t["reward"]],
                 "reward − base": [f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in
                                   zip(t["reward_delta"], t["reward_delta_low"], t["reward_delta_high"])]}
+        if "frechet" in t:
+            cols[f"Fréchet distance to the base ({t['frechet_images'].iloc[0]:.0f} images each)"] = [
+                f"{v:.4g}" for v in t["frechet"]]
         for k in MEASURES:
             if f"{k}_delta" in t:
                 cols[f"{k} − base"] = [f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in

@@ -95,6 +95,11 @@ class _World:
             if not path.is_dir():
                 raise ConfigError(f"the world at {root} has no run {name}")
 
+    @property
+    def fd_encoder(self) -> str:
+        """The judge's features (before its heads) as the image encoder of every Fréchet distance."""
+        return f"world:{self.judge}"
+
     @cached_property
     def reward(self) -> str:
         """The reward spec the fine-tunes were trained with (from the unregularised run's config.yaml)."""
@@ -133,7 +138,7 @@ def _audit(world: _World, checkpoint: Path, out: Path, settings: DemoSettings, *
     config = AuditConfig(
         prompts=_prompts(num_samples), num_samples=num_samples, seed=settings.seed, batch_size=min(num_samples, 32),
         sampling=SamplingConfig(num_steps=steps, guidance_scale=settings.guidance), reward=world.reward,
-        renorm=renorm, grid_size=8,
+        renorm=renorm, grid_size=8, fd_encoder=world.fd_encoder,
     )
     return run_audit(ckpt, config, out_dir=out, overwrite=True)
 
@@ -160,7 +165,7 @@ def _compare(world: _World, settings: DemoSettings):
     return compare_runs(world.runs["nft-plain"], world.runs["nft-normguard"], steps=list(settings.few_steps),
                         reward=world.reward, prompts=_prompts(settings.num_samples), num_samples=settings.num_samples,
                         guidance_scale=settings.guidance, seed=settings.seed, batch_size=min(settings.num_samples, 32),
-                        grid_size=8)
+                        grid_size=8, fd_encoder=world.fd_encoder)
 
 
 def _sweep(world: _World, run: str, out: Path, settings: DemoSettings):
@@ -171,7 +176,7 @@ def _sweep(world: _World, run: str, out: Path, settings: DemoSettings):
     n = settings.checkpoint_samples
     config = AuditConfig(prompts=_prompts(n), num_samples=n, seed=settings.seed, batch_size=min(n, 32),
                          sampling=SamplingConfig(num_steps=settings.steps, guidance_scale=settings.guidance),
-                         reward=world.reward, grid_size=8)
+                         reward=world.reward, grid_size=8, fd_encoder=world.fd_encoder)
     return run_sweep(world.runs[run], config, out_dir=out, base=str(world.base), threshold=SWEEP_THRESHOLD)
 
 
@@ -190,6 +195,8 @@ def _model_rows(models: dict) -> pd.DataFrame:
         sub = audit.quality[audit.quality["model"] == model]
         for k, name in MEASURE_LABELS.items():
             row[name] = f"{sub[k].mean():.4f}"
+        fd = audit.frechet.get(model)
+        row["FD to base"] = "0 (reference)" if model == "base" else (f"{fd.value:.3g}" if fd is not None else "")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -309,7 +316,10 @@ def _page_renorm(audits: dict) -> dict:
             "norm leaves the direction, and the artefacts, in place.",
         ],
         "tables": [
-            table_of(_model_rows({"base": (a, "base"), **models}), caption="Means over samples."),
+            table_of(_model_rows({"base": (a, "base"), **models}),
+                     caption="Means over samples. FD to base: Fréchet distance of each model's images to the base's, "
+                             f"on the judge's features ({a.config.num_samples} images each; biased upwards at this size, "
+                             "so compare the rows, not the values with other studies)."),
             table_of(_quality_deltas(a, models), caption="Paired differences against the base, mean [95 % CI]."),
         ],
         "figures": [figure_block(F.image_grid({"base": a.images["base"], "NFT": a.images["rl"],
@@ -389,7 +399,8 @@ def _page_normguard(audits: dict) -> dict:
             "the inflation and the saturation gain over the base.",
         ],
         "tables": [
-            table_of(rows, caption="Means over samples (reward ± std)."),
+            table_of(rows, caption="Means over samples (reward ± std). FD to base: Fréchet distance of the images to "
+                                   f"the base's on the judge's features ({plain.config.num_samples} images each)."),
             table_of(_quality_deltas(plain, models), caption="Paired differences against the base, mean [95 % CI]."),
         ],
         "figures": [figure_block(F.image_grid({"base": plain.images["base"], "NFT": plain.images["rl"],
