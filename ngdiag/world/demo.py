@@ -459,6 +459,14 @@ def _page_few_steps(audits: dict, compared, steps: int, report: str) -> dict:
     }
 
 
+def _inflation_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its ``inflation``, ``ci_low`` and ``ci_high`` fractions as one column of text in percent."""
+    text = [f"{v:+.1%} [{lo:+.1%}, {hi:+.1%}]" for v, lo, hi in zip(frame["inflation"], frame["ci_low"], frame["ci_high"])]
+    out = frame.drop(columns=["inflation", "ci_low", "ci_high"])
+    out.insert(2, "inflation [95 % CI]", text)
+    return out
+
+
 def _page_checkpoints(sweeps: dict, reports: dict, threshold: float) -> dict:
     from ngdiag.report import figures as F
     from ngdiag.report.html import figure_block, table_of
@@ -492,8 +500,8 @@ def _page_checkpoints(sweeps: dict, reports: dict, threshold: float) -> dict:
         ],
         "links": [{"href": href, "text": f"the sweep report of {RUN_LABELS[run]}", "note": "one table and one report per run"}
                   for run, href in reports.items()],
-        "tables": [table_of(frame, caption="Inflation with its 95 % CI; reward and saturation as mean paired "
-                                           "differences against the base [95 % CI].")],
+        "tables": [table_of(_inflation_text(frame), caption="Inflation with its 95 % CI; reward and saturation as "
+                                                          "mean paired differences against the base [95 % CI].")],
         "figures": [figure_block(F.inflation_by_iteration(frame, run_column="run"), alt="inflation against iteration",
                                  caption="Inflation of each checkpoint with its 95 % interval.")],
     }
