@@ -346,8 +346,34 @@ def _column_labels(per_sample: Optional[pd.DataFrame], n: int) -> Optional[list]
     return [f"seed {s}" for s in seeds] if len(seeds) == n else None
 
 
+def _spatial_block(spatial, summary: Mapping, images: Optional[Mapping], per_sample: pd.DataFrame) -> Optional[dict]:
+    """The spatial section: heat maps beside the decoded images, the per-step maps and the share."""
+    if spatial is None:
+        return None
+    arrays = spatial.arrays() if hasattr(spatial, "arrays") else dict(spatial)
+    missing = [k for k in ("mean_map", "sample_ids", "sample_maps", "step_maps", "times") if k not in arrays]
+    if missing:
+        raise ConfigError(f"the spatial maps lack {', '.join(missing)}")
+    ids = np.asarray(arrays["sample_ids"])
+    row = None
+    if images:
+        name = next((k for k in ("rl", "base") if k in images), next(iter(images)))
+        row = np.asarray(images[name])
+    n = min(8, len(ids)) if row is None else min(8, len(ids), len(row))
+    order = np.argsort(ids, kind="stable")[:n]
+    labels = _column_labels(per_sample, n) if row is not None else [f"sample {int(i)}" for i in ids[order]]
+    block = dict(summary.get("spatial") or {})
+    block["maps"] = _figure(F.spatial_maps, np.asarray(arrays["sample_maps"])[order], arrays["mean_map"],
+                            images=None if row is None else row[:n], column_labels=labels,
+                            alt="Ratio maps ||v_θ||/||v_ref|| per latent position under the decoded images, and the mean map")
+    block["steps"] = _figure(F.spatial_steps, arrays["step_maps"], arrays["times"],
+                             alt="Mean ratio map over samples at several steps")
+    return block
+
+
 def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd.DataFrame,
-                        images: Optional[Mapping] = None, prompts: Optional[Sequence[str]] = None) -> str:
+                        images: Optional[Mapping] = None, prompts: Optional[Sequence[str]] = None,
+                        spatial=None) -> str:
     """The audit report (one self-contained HTML page).
 
     Args:
@@ -360,6 +386,8 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         images: optional model name -> ``(N, 3, H, W)`` in ``[0, 1]``; column ``j`` has the same seed
             in every model.
         prompts: the audit's prompts (sample ``i`` uses ``prompts[i % len(prompts)]``).
+        spatial: optional :class:`~ngdiag.probes.spatial.SpatialMaps` (or a mapping of its ``arrays()``):
+            heat maps beside the images; its numbers come from ``summary["spatial"]`` when present.
 
     Returns:
         The HTML text; write it with :func:`write_html`.
@@ -424,6 +452,7 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         unavailable=unavailable,
         grid=grid,
         renorm=_renorm_block(summary["renorm"]) if summary.get("renorm") else None,
+        spatial=_spatial_block(spatial, summary, images, per_sample),
         reward=_reward_table(summary["reward"]) if summary.get("reward") else None,
         step_table=step_table,
         samples=_per_sample_block(per_sample) if "mean_ratio" in per_sample.columns else None,

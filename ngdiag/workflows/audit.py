@@ -37,6 +37,7 @@ from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
 from ngdiag.probes.paired import TRAJECTORIES, PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import RENORM_TARGETS, rl_renorm_intervention
+from ngdiag.probes.spatial import SpatialMaps, SpatialRecorder
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
 from ngdiag.core.sampling import sample
 from ngdiag.quality import MEASURES, quality_table
@@ -72,6 +73,9 @@ class AuditConfig(SampleSet):
             default). ``ngdiag sweep`` and ``ngdiag compare`` sample the base once for many
             checkpoints and turn it off for the others; it needs ``trajectory="theta"`` and no
             ``renorm`` (which compares against the base's samples).
+        spatial_maps: keep every sample's own spatial ratio map (:mod:`ngdiag.probes.spatial`) in the
+            result and in ``spatial.npz``; by default only the image grid's samples keep theirs. The
+            mean map over samples and the per-step maps are always kept.
     """
 
     trajectory: str = "theta"
@@ -85,6 +89,7 @@ class AuditConfig(SampleSet):
     grid_size: int = 4
     fuse_lora: Optional[bool] = None
     sample_base: bool = True
+    spatial_maps: bool = False
 
     _needs_two = "an audit needs at least 2 samples for a confidence interval"
 
@@ -106,6 +111,8 @@ class AuditConfig(SampleSet):
         if d.get("sample_base", True):
             # the default is left out, so the fingerprints of audits made before the option existed still match
             d.pop("sample_base", None)
+        if not d.get("spatial_maps", False):
+            d.pop("spatial_maps", None)  # likewise: the default leaves old fingerprints unchanged
         return d
 
 
@@ -124,6 +131,10 @@ class AuditResult:
         quality: per-sample image-quality measures (:mod:`ngdiag.quality`) of every decoded model
             (``sample``, ``model`` and one column per measure; clipping counted before the final clamp),
             when all images are decoded (a reward is given), else ``None``.
+        spatial: where the ratio sits on the latent grid (:class:`~ngdiag.probes.spatial.SpatialMaps`:
+            the mean map ``(h, w)``, the per-step maps ``(steps, h, w)``, per-sample maps
+            ``(samples, h, w)`` of the grid's samples or of all with ``spatial_maps``), or ``None`` for
+            audits written before spatial maps existed.
         config: the audit config; checkpoint: what was audited.
     """
 
@@ -137,6 +148,7 @@ class AuditResult:
     renorm: Optional[dict] = None
     images: dict = field(default_factory=dict)
     quality: Optional[pd.DataFrame] = None
+    spatial: Optional[SpatialMaps] = None
 
     @property
     def verdict(self) -> str:
@@ -190,6 +202,8 @@ class AuditResult:
             out["reward"] = reward_block(self.rewards, self.config.reward)
         if self.quality is not None:
             out["quality"] = quality_block(self.quality)
+        if self.spatial is not None:
+            out["spatial"] = self.spatial.summary()
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
@@ -208,11 +222,13 @@ class AuditResult:
             from ngdiag.report.html import render_audit_report
 
             html = render_audit_report(summary, self.per_step, self.per_sample, images=self.images or None,
-                                       prompts=self.config.prompts)
+                                       prompts=self.config.prompts, spatial=self.spatial)
         out_dir.write("steps.csv", lambda p: self.per_step.to_csv(p, index=False))
         out_dir.write("records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
         if self.quality is not None:
             out_dir.write("quality.csv", lambda p: self.quality.to_csv(p, index=False))
+        if self.spatial is not None:
+            out_dir.write("spatial.npz", lambda p: _savez(p, **self.spatial.arrays()))
         if html is not None:
             out_dir.write_text("report.html", html)
         out_dir.write_text("summary.json", json.dumps(summary, indent=2))
@@ -310,11 +326,19 @@ class _BatchRunner:
         if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self._fusable())):
             fused = FusedLoraPair(batch.conditioning, self.ckpt.theta, ADAPTER_NAME)
         recorder = PairRecorder(ids)
+        h, w = batch.config.height, batch.config.width
+        spatial = SpatialRecorder(ids, lambda v: self.ckpt.adapter.latent_grid(v, h, w))
+
+        def record(step):
+            recorder(step)
+            spatial(step)
+
         main = sample(PairedVelocity(theta_g, ref_g, trajectory=cfg.trajectory, fused=fused), batch.x_init, batch.sigmas,
-                      callback=recorder)
-        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": []}
-        needs_extra = cfg.renorm or cfg.reward is not None
+                      callback=record)
         grid = [j for j, i in enumerate(ids) if i < cfg.grid_size]
+        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": [],
+               "spatial": spatial.part(keep=None if cfg.spatial_maps else [ids[j] for j in grid])}
+        needs_extra = cfg.renorm or cfg.reward is not None
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
         if needs_extra:
             if cfg.trajectory == "theta":
@@ -334,7 +358,6 @@ class _BatchRunner:
                 dist = (finals[name].reshape(len(ids), -1).double() - base).norm(dim=1) / base.norm(dim=1)
                 out["distances"] += [{"sample": i, "model": name, "relative_distance_to_base": float(d)} for i, d in zip(ids, dist)]
         decode_all = self.reward is not None
-        h, w = batch.config.height, batch.config.width
         for name, x in finals.items():
             if not decode_all and not grid:
                 continue
@@ -422,7 +445,11 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
     images = _grid_images(parts["images"], config.grid_size)
     quality = (pd.DataFrame(parts["quality"]).sort_values(["model", "sample"], kind="stable", ignore_index=True)
                if parts.get("quality") else None)
-    return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality)
+    spatial_parts = parts.get("spatial") or []
+    # audits written before spatial maps existed have none; a partial set (a resumed old run) gives none either
+    spatial = SpatialMaps.join(spatial_parts) if spatial_parts and all(p is not None for p in spatial_parts) else None
+    return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality,
+                       spatial)
 
 
 class AuditWorkflow(Workflow):
@@ -433,7 +460,7 @@ class AuditWorkflow(Workflow):
     title = "an audit"
     merge_command = "ngdiag merge"
     config_type = AuditConfig
-    part_files = ("images.npz", "extras.json", "records.parquet")  # the records last: they mark the batch done
+    part_files = ("images.npz", "extras.json", "spatial.npz", "records.parquet")  # the records last: they mark the batch done
 
     def write_part(self, folder: RunFolder, b: int, part: dict) -> None:
         names = self.part_paths(b)
@@ -442,6 +469,8 @@ class AuditWorkflow(Workflow):
             folder.write(names["images"], lambda p: _savez(p, ids=np.asarray(part["grid_ids"]), **arrays))
         folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"],
                                                        "quality": part["quality"]}))
+        if part.get("spatial") is not None:
+            folder.write(names["spatial"], lambda p: _savez(p, **{k: np.asarray(v) for k, v in part["spatial"].items()}))
         folder.write(names["records"], lambda p: part["record"].to_frame().to_parquet(p, index=False))
 
     def read_part(self, path: Path, b: int) -> dict:
@@ -449,6 +478,10 @@ class AuditWorkflow(Workflow):
         extras = json.loads(names["extras"].read_text(encoding="utf-8"))
         part = {"record": NormRecord.from_frame(pd.read_parquet(names["records"])), "rewards": extras["rewards"],
                 "distances": extras["distances"], "quality": extras.get("quality", []), "images": {}, "grid_ids": []}
+        part["spatial"] = None
+        if names["spatial"].is_file():  # absent in parts written before spatial maps existed
+            with np.load(names["spatial"]) as data:
+                part["spatial"] = {k: data[k] for k in data.files}
         if names["images"].is_file():
             with np.load(names["images"]) as data:
                 part["grid_ids"] = data["ids"]
@@ -459,7 +492,8 @@ class AuditWorkflow(Workflow):
         joined = {"records": [p["record"] for p in parts], "rewards": [r for p in parts for r in p["rewards"]],
                   "distances": [d for p in parts for d in p["distances"]],
                   "quality": [q for p in parts for q in p.get("quality", [])],
-                  "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]]}
+                  "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]],
+                  "spatial": [p.get("spatial") for p in parts]}
         return _finalize(joined, self.config, self.checkpoint)
 
 
