@@ -43,6 +43,7 @@ __all__ = [
     "render_audit_report",
     "render_sensitivity_report",
     "render_compare_report",
+    "render_attribution_report",
     "render_demo_page",
     "table_of",
     "figure_block",
@@ -460,6 +461,41 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         config_rows=_config_rows(summary.get("config") or {}, prompts is not None),
         versions=_versions_of(summary),
     )
+
+
+# ----------------------------------------------------------------------------- attribution
+def render_attribution_report(summary: Mapping, table: pd.DataFrame) -> str:
+    """The per-layer attribution report: ranked table, bar chart with intervals, sums against the total.
+
+    Args:
+        summary: the attribution's ``summary.json`` (``AttributionResult.summary()``).
+        table: ``AttributionResult.table`` (``group, loo_effect, loo_ci_low, loo_ci_high, loo_share`` and
+            optionally the ``single_*`` columns), ranked.
+    """
+    _check_schema(summary, "attribution")
+    if not isinstance(table, pd.DataFrame):
+        raise ConfigError("table must be a pandas DataFrame")
+    total = summary.get("total") or {}
+    frame = table.copy()
+    frame.attrs["total"] = total.get("log_ratio")
+    figure = _figure(F.attribution_bars, frame, alt="Effect of each group on the mean log-ratio, with intervals")
+    columns = [("rank", "rank"), ("group", "group"), ("loo_effect", "leave-one-out effect"), ("loo_ci_low", "CI low"),
+               ("loo_ci_high", "CI high"), ("loo_share", "share of total"), ("single_effect", "single effect"),
+               ("single_ci_low", "CI low"), ("single_ci_high", "CI high"), ("single_share", "share of total")]
+    sums = [("total T (mean log-ratio)", _num(total.get("log_ratio"))),
+            ("total inflation exp(T) − 1", format_percent(total.get("inflation"), 2, sign=True)),
+            ("sum of leave-one-out effects", _num(summary.get("sum_loo_effects"))),
+            ("interaction (total − sum, leave-one-out)", _num(summary.get("interaction_loo")))]
+    if "sum_single_effects" in summary:
+        sums += [("sum of single-group effects", _num(summary.get("sum_single_effects"))),
+                 ("interaction (total − sum, single)", _num(summary.get("interaction_single")))]
+    facts = [("checkpoint", _cell(summary.get("checkpoint"))), ("base", _cell(summary.get("base"))),
+             ("family", _cell(summary.get("family"))), ("groups", f"{summary.get('num_groups')} by {summary.get('group_by')}"),
+             ("switch", _cell(summary.get("switch"))), ("samples", _cell(summary.get("num_samples")))]
+    return _render("attribution.html.j2", title=f"ngdiag attribution: {summary.get('checkpoint') or 'checkpoint'}",
+                   summary=summary, facts=facts, bars=figure, sums=sums,
+                   table=_table(frame.drop(columns=[c for c in ("modules",) if c in frame.columns]), columns),
+                   config_rows=_config_rows(summary.get("config") or {}, False), versions=_versions_of(summary))
 
 
 # ----------------------------------------------------------------------------- sensitivity
