@@ -159,3 +159,16 @@ def test_cost_against_one_audit(planted, tiny_bases, capsys):
     ratio = (time.perf_counter() - start) / audit_time
     with capsys.disabled():
         print(f"\nattribution / audit time ratio (G=2 blocks, single on): {ratio:.2f}")
+
+
+def test_shards_merge_into_the_single_run(planted, tiny_bases, tmp_path):
+    from ngdiag.workflows.attribution import merge_attributions
+
+    ckpt = load_checkpoint(planted["lora"], tiny_bases["sd3"])
+    config = _config()
+    single = run_attribution(ckpt, config, out_dir=tmp_path / "single")
+    for i in range(2):
+        assert run_attribution(ckpt, config, out_dir=tmp_path / f"s{i}", shard=(i, 2)) is None
+    merged = merge_attributions([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    assert (tmp_path / "merged" / "summary.json").read_bytes() == (tmp_path / "single" / "summary.json").read_bytes()
+    pd.testing.assert_frame_equal(merged.table, single.table)
