@@ -2,6 +2,7 @@
 and on the whole image, their top-10 % share, the audit's outputs and report, and the live probe."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -68,21 +69,25 @@ def _expected(grid_shape):
     return expected
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein", "qwenimage"])
 def test_quadrant_scale_maps_to_its_quadrant_and_is_local(tiny_bases, family):
-    result = run_audit(_quadrant_checkpoint(tiny_bases[family], family), _config(spatial_maps=True))
+    ckpt = _quadrant_checkpoint(tiny_bases[family], family)
+    result = run_audit(ckpt, _config(spatial_maps=True))
     maps = result.spatial
-    assert maps.grid == (16, 16)  # 32 x 32 images, VAE factor 2: the latent grid, also for packed FLUX
+    side = 32 // ckpt.adapter.pipe.vae_scale_factor  # 32 x 32 images: the latent grid, also for packed tokens
+    assert maps.grid == (side, side)
     expected = _expected(maps.grid)
     np.testing.assert_allclose(maps.mean_map, expected, rtol=0, atol=2e-6)
-    assert maps.step_maps.shape == (3, 16, 16) and maps.sample_maps.shape == (4, 16, 16)
-    np.testing.assert_allclose(maps.step_maps, np.broadcast_to(expected, (3, 16, 16)), rtol=0, atol=2e-6)
-    np.testing.assert_allclose(maps.sample_maps, np.broadcast_to(expected, (4, 16, 16)), rtol=0, atol=2e-6)
+    assert maps.step_maps.shape == (3, side, side) and maps.sample_maps.shape == (4, side, side)
+    np.testing.assert_allclose(maps.step_maps, np.broadcast_to(expected, (3, side, side)), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(maps.sample_maps, np.broadcast_to(expected, (4, side, side)), rtol=0, atol=2e-6)
     assert maps.sample_ids.tolist() == [0, 1, 2, 3]
-    # 64 of 256 positions carry the excess: the top 26 positions hold 26/64 of it
-    assert maps.top_share == pytest.approx(26 / 64, abs=1e-4) and maps.locality == "local"
+    # a quarter of the P positions carry the excess: the top ceil(P / 10) hold that many quarters of it
+    # (26/64 on the 16 x 16 grid of SD3 and FLUX, 7/16 on Qwen-Image's 8 x 8)
+    assert maps.top_share == pytest.approx(math.ceil(side * side / 10) / (side * side / 4), abs=1e-4)
+    assert maps.locality == "local"
     block = result.summary()["spatial"]
-    assert block["locality"] == "local" and block["grid"] == [16, 16] and block["num_sample_maps"] == 4
+    assert block["locality"] == "local" and block["grid"] == [side, side] and block["num_sample_maps"] == 4
     assert block["mean_map_max"] == pytest.approx(SCALE, abs=2e-6) and block["mean_map_min"] == pytest.approx(1, abs=2e-6)
 
 
@@ -143,18 +148,33 @@ def test_join_is_the_mean_of_log_maps():
     np.testing.assert_allclose(maps.sample_maps, np.exp(logs.mean(axis=0)), rtol=1e-6)
 
 
-def test_live_probe_records_maps_on_the_latent_grid(tiny_bases):
-    pipe = tiny_pipeline("flux")
-    ref = tiny_pipeline("flux").transformer
-    masked = QuadrantScaled(lambda output: output, packed=True)  # the same mask, as a hook on the pipeline's transformer
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein", "qwenimage"])
+def test_live_probe_records_maps_on_the_latent_grid(family):
+    pipe = tiny_pipeline(family)
+    ref = tiny_pipeline(family).transformer
+    masked = QuadrantScaled(lambda output: output, packed=family != "sd3")  # the same mask, as a hook on the pipeline's transformer
     handle = pipe.transformer.register_forward_hook(lambda module, args, output: masked.forward(output))
     try:
         with ngdiag.probe(pipe, ref=ref) as rec:
-            pipe(["a cat", "a dog"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                 **TINY_CALL_KWARGS["flux"])
+            pipe(prompt=["a cat", "a dog"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 **TINY_CALL_KWARGS[family])
     finally:
         handle.remove()
     maps = rec.spatial()
-    assert maps.step_maps.shape == (2, 16, 16) and maps.sample_maps.shape == (2, 16, 16)
-    np.testing.assert_allclose(maps.mean_map, _expected((16, 16)), atol=2e-6)
+    side = 32 // pipe.vae_scale_factor
+    assert maps.step_maps.shape == (2, side, side) and maps.sample_maps.shape == (2, side, side)
+    np.testing.assert_allclose(maps.mean_map, _expected((side, side)), atol=2e-6)
     assert maps.locality == "local"
+
+
+def test_cli_spatial_maps_option_and_summary_line(tiny_bases, tmp_path):
+    from tests.helpers import run_cli
+
+    ft = save_scaled_finetune(tiny_bases["sd3"], tmp_path / "ft", SCALE)
+    code, out, err = run_cli("audit", ft, "--base", tiny_bases["sd3"], "--prompt", "a cat", "--num-samples", 3,
+                             "--steps", 2, "--out", tmp_path / "a", "--quiet", "--spatial-maps")
+    assert code == 0, err
+    assert "spatial    : uniform" in out
+    with np.load(tmp_path / "a" / "spatial.npz") as data:
+        assert data["sample_ids"].tolist() == [0, 1, 2]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["config"]["spatial_maps"] is True

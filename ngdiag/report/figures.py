@@ -477,7 +477,7 @@ def attribution_bars(table: pd.DataFrame, *, max_groups: int = 30) -> Figure:
     single = "single_effect" in frame.columns
     height = 0.38 if single else 0.7
     with _style():
-        fig = Figure(figsize=(7.0, 0.9 + 0.28 * len(frame)), layout="constrained")
+        fig = Figure(figsize=(7.0, 1.3 + 0.28 * len(frame)), layout="constrained")
         ax = fig.subplots()
         def bars(prefix, offset, color, label):
             v = frame[f"{prefix}_effect"].to_numpy(float)
@@ -495,7 +495,7 @@ def attribution_bars(table: pd.DataFrame, *, max_groups: int = 30) -> Figure:
         ax.set_yticklabels([str(g) for g in frame["group"]], fontsize=7)
         ax.set_xlabel("effect on the mean log-ratio log(||v_θ|| / ||v_ref||)")
         ax.grid(axis="y", visible=False)
-        ax.legend(loc="lower right")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, frameon=False)
     return fig
 
 
