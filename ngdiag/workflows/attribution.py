@@ -239,7 +239,7 @@ def _finalize(parts: list, config: AttributionConfig, checkpoint: dict) -> Attri
     mean_total = float(total.mean())
 
     def share(effect):
-        return float(effect / mean_total) if mean_total != 0 else float("nan")
+        return float(effect / mean_total) + 0.0 if mean_total != 0 else float("nan")  # + 0.0: no -0.0
 
     rows = []
     for j, g in enumerate(groups):
