@@ -10,6 +10,8 @@ layers behind them):
 - :func:`run_sensitivity` (:class:`SensitivityConfig` -> :class:`SensitivityRun`),
   :func:`merge_sensitivity`, and :func:`norm_sensitivity` (-> :class:`SensitivityResult`) for any
   velocity model: the reward-adjoint norm-scaling sensitivity S(t);
+- :func:`run_attribution` (:class:`AttributionConfig` -> :class:`AttributionResult`),
+  :func:`merge_attributions`: which LoRA modules or blocks the inflation comes from;
 - :func:`run_training` (:class:`TrainConfig` -> :class:`TrainResult`; it is
   :func:`ngdiag.train.train`, named apart from the ``ngdiag.train`` package) and :func:`compare_runs`
   (-> :class:`CompareResult`): NormGuard training and the comparison of training runs;
@@ -36,6 +38,10 @@ _LAZY = {
     "merge_sensitivity": "ngdiag.workflows.sensitivity",
     "SensitivityConfig": "ngdiag.workflows.sensitivity",
     "SensitivityRun": "ngdiag.workflows.sensitivity",
+    "run_attribution": "ngdiag.workflows.attribution",
+    "merge_attributions": "ngdiag.workflows.attribution",
+    "AttributionConfig": "ngdiag.workflows.attribution",
+    "AttributionResult": "ngdiag.workflows.attribution",
     "norm_sensitivity": "ngdiag.sensitivity.adjoint",
     "SensitivityResult": "ngdiag.sensitivity.result",
     "run_training": "ngdiag.train.trainer:train",
@@ -62,6 +68,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from ngdiag.train.losses import normguard_penalty
     from ngdiag.train.trainer import TrainResult
     from ngdiag.train.trainer import train as run_training
+    from ngdiag.workflows.attribution import AttributionConfig, AttributionResult, merge_attributions, run_attribution
     from ngdiag.workflows.audit import AuditConfig, AuditResult, merge_audits, run_audit
     from ngdiag.workflows.compare import CompareResult, compare_runs
     from ngdiag.workflows.sensitivity import SensitivityConfig, SensitivityRun, merge_sensitivity, run_sensitivity

@@ -461,6 +461,7 @@ def save_lora_adapter(
     zero: bool = False,
     seed: int = 0,
     layout: str = "peft",
+    nonzero_modules=None,
 ) -> Path:
     """Save a LoRA adapter on the base pipeline's transformer, as trainers save them.
 
@@ -471,6 +472,9 @@ def save_lora_adapter(
         init_scale: standard deviation of the random A and B matrices (B is usually zero at init;
             here it is random so the adapter has an effect).
         zero: save an adapter whose B matrices are zero (no effect at all).
+        nonzero_modules: module names (or their dotted suffixes, e.g. ``"transformer_blocks.1.attn.to_out.0"``)
+            whose B matrices stay random; every other module's B is zero, so only these modules
+            change the output (a planted effect for per-layer attribution).
         layout: ``"peft"`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT,
             Flow-Factory, DiffusionNFT style); ``"diffusers"`` writes a single
             ``pytorch_lora_weights.safetensors`` with diffusers' key names and alpha metadata.
@@ -482,6 +486,20 @@ def save_lora_adapter(
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
     model = get_peft_model(pipe.transformer, config)
     fill_lora_weights(model, seed=seed, init_scale=init_scale, zero=zero)
+    if nonzero_modules is not None:
+        keep = [str(m) for m in nonzero_modules]
+        found = set()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." not in name:
+                    continue
+                module = name.split(".lora_B.")[0].removeprefix("base_model.model.")
+                hits = [m for m in keep if module == m or module.endswith("." + m)]
+                found.update(hits)
+                if not hits:
+                    param.zero_()
+        if set(keep) - found:
+            raise ConfigError(f"nonzero_modules names no adapted module: {sorted(set(keep) - found)}")
     out_path = Path(out_path)
     if layout == "peft":
         config.base_model_name_or_path = str(Path(base_path).resolve())

@@ -24,7 +24,8 @@ from ngdiag.testing import save_scaled_finetune
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["inspect", "audit", "merge", "sensitivity", "merge-sensitivity", "train", "compare", "sweep"]
+COMMANDS = ["inspect", "audit", "merge", "sensitivity", "merge-sensitivity", "attribute", "merge-attribution", "train",
+            "compare", "sweep"]
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "pandas", "scipy", "matplotlib")
 
 
@@ -71,7 +72,7 @@ def _group():
 def test_device_defaults_to_auto_everywhere():
     commands = _group().commands
     with_device = {name: cmd for name, cmd in commands.items() if any(p.name == "device" for p in cmd.params)}
-    assert set(with_device) == {"audit", "sensitivity", "compare", "sweep"}
+    assert set(with_device) == {"audit", "sensitivity", "attribute", "compare", "sweep"}
     for name, cmd in with_device.items():
         param = next(p for p in cmd.params if p.name == "device")
         assert param.default == "auto", name

@@ -268,9 +268,10 @@ def test_overwrite_replaces_only_ngdiag_files(models, tmp_path):
     assert json.loads(stdout) == json.loads((out / "summary.json").read_text())
     assert json.loads(stdout)["config"]["seed"] == 100
     assert sorted(p.name for p in (out / "parts").iterdir()) == [
-        "extras-b00000.json", "images-b00000.npz", "mine.txt", "records-b00000.parquet"]
+        "extras-b00000.json", "images-b00000.npz", "mine.txt", "records-b00000.parquet", "spatial-b00000.npz"]
     assert sorted(p.name for p in out.iterdir()) == sorted([".ngdiag-files", "keep", "notes.txt", "parts", "records.parquet",
-                                                           "report.html", "run_state.json", "steps.csv", "summary.json"])
+                                                           "report.html", "run_state.json", "spatial.npz", "steps.csv",
+                                                           "summary.json"])
     assert_inputs_untouched(models)
 
 

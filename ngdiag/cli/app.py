@@ -122,9 +122,9 @@ def inspect(
 
 def _register_commands():
     """Commands living in their own modules register themselves here."""
-    from ngdiag.cli import audit, demo, sensitivity, sweep, train
+    from ngdiag.cli import attribution, audit, demo, sensitivity, sweep, train
 
-    for module in (audit, sensitivity, train, sweep, demo):
+    for module in (audit, sensitivity, attribution, train, sweep, demo):
         module.register(app)
 
 

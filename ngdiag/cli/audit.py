@@ -43,6 +43,10 @@ def format_human(summary: dict) -> str:
         lines.append(f"t-weighted : {pct(tw['value'])}  [{pct(tw['ci_low'])}, {pct(tw['ci_high'])}] "
                      "(log-ratio weighted by step size |dt|)")
     lines.append(f"verdict    : {summary['verdict']}")
+    spatial = summary.get("spatial")
+    if spatial and spatial.get("top_share") is not None:
+        lines.append(f"spatial    : {spatial['locality']} (top-10 % positions hold {100 * spatial['top_share']:.0f} % of the "
+                     f"excess; mean map {spatial['mean_map_min']:.4f} to {spatial['mean_map_max']:.4f})")
     if "reward" in summary:
         lines.append(f"reward     : {summary['reward'].get('name')}")
         for row in summary["reward"]["rows"]:
@@ -74,6 +78,8 @@ def register(app: typer.Typer) -> None:
         fd_encoder: Annotated[Optional[str], typer.Option(
             help="Image encoder for a Fréchet distance of each model to the base (needs --reward): clip:DIR, "
                  "pickscore:DIR, world:DIR, hpsv2:FILE or a CLIP folder.")] = None,
+        spatial_maps: Annotated[bool, typer.Option(
+            "--spatial-maps", help="Keep every sample's spatial ratio map in spatial.npz (default: the image grid's).")] = False,
         fail_on_inflation: Annotated[Optional[float], typer.Option(
             parser=finite_float, help="Exit 1 when the CI's lower end exceeds this inflation in percent.")] = None,
     ):
@@ -103,7 +109,8 @@ def register(app: typer.Typer) -> None:
 
             return AuditConfig(prompts=prompts, num_samples=options.num_samples, sampling=sampling, seed=options.seed,
                                batch_size=options.batch_size, trajectory=trajectory, renorm=renorm, reward=reward,
-                               tolerance=tolerance, confidence=confidence, fd_encoder=fd_encoder)
+                               tolerance=tolerance, confidence=confidence, fd_encoder=fd_encoder,
+                               spatial_maps=spatial_maps)
 
         summary = command.run(options, reward=reward, make_config=make_config, needs_ref=True)
         if summary is not None and fail_on_inflation is not None and summary["inflation"]["ci_low"] * 100 > fail_on_inflation:

@@ -282,6 +282,25 @@ class FamilyAdapter:
     def output_latents(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return x
 
+    # ----- spatial layout -----
+    def latent_grid(self, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A state or velocity in the transformer's layout as the latent grid ``(B, C, h, w)``.
+
+        Only a permutation of the elements (no scaling, no normalisation): the norm over channels at
+        latent position ``(y, x)`` is the norm of exactly the elements that belong to that position.
+        SD3 works on the grid already; the packed families (FLUX.1, FLUX.2-klein, Qwen-Image) pack
+        each 2 x 2 patch of latent positions into one token and are unpacked with the pipeline's own
+        functions. ``height`` and ``width`` are the image size in pixels.
+        """
+        if v.dim() != 4:
+            raise ConfigError(f"expected a latent grid (B, C, h, w) for {self.title}, got shape {tuple(v.shape)}")
+        return v
+
+    def image_size_of_call(self, inputs: dict) -> Optional[tuple[int, int]]:
+        """The image size ``(height, width)`` in pixels of a transformer call with keyword arguments
+        ``inputs`` (the live probe's view), or ``None`` when the output already is the latent grid."""
+        return None
+
     def decode(self, x: torch.Tensor, height: int, width: int, *, clamp: bool = True) -> torch.Tensor:
         """Images in ``[0, 1]``, shape ``(B, 3, H, W)``, differentiable up to the final clamp;
         ``clamp=False`` returns ``decoded / 2 + 0.5`` before the clamp (values may leave [0, 1])."""
@@ -387,6 +406,12 @@ class FluxAdapter(FamilyAdapter):
         )
         return x, {"img_ids": ids}
 
+    def latent_grid(self, v, height, width):
+        return self.pipe._unpack_latents(v, height, width, self.pipe.vae_scale_factor)
+
+    def image_size_of_call(self, inputs):
+        return _size_from_ids(inputs.get("img_ids"), self.pipe.vae_scale_factor)
+
     def decode(self, x, height, width, *, clamp=True):
         pipe = self.pipe
         vae = pipe.vae
@@ -450,6 +475,16 @@ class Flux2KleinAdapter(FamilyAdapter):
         )
         return x, {"img_ids": ids}
 
+    def latent_grid(self, v, height, width):
+        pipe = self.pipe
+        vsf = pipe.vae_scale_factor
+        lh, lw = 2 * (int(height) // (vsf * 2)), 2 * (int(width) // (vsf * 2))
+        ids = pipe._prepare_latent_ids(torch.zeros(v.shape[0], 1, lh // 2, lw // 2)).to(v.device)
+        return pipe._unpatchify_latents(pipe._unpack_latents_with_ids(v, ids, lh // 2, lw // 2))
+
+    def image_size_of_call(self, inputs):
+        return _size_from_ids(inputs.get("img_ids"), self.pipe.vae_scale_factor)
+
     def output_latents(self, x, height, width):
         pipe = self.pipe
         vsf = pipe.vae_scale_factor
@@ -509,6 +544,17 @@ class QwenImageAdapter(FamilyAdapter):
         img_shapes = [[(1, height // vsf // 2, width // vsf // 2)]] * batch_size
         return x, {"img_shapes": img_shapes}
 
+    def latent_grid(self, v, height, width):
+        return self.pipe._unpack_latents(v, height, width, self.pipe.vae_scale_factor)[:, :, 0]
+
+    def image_size_of_call(self, inputs):
+        shapes = inputs.get("img_shapes")
+        if not shapes:
+            return None
+        _, h2, w2 = shapes[0][0]
+        vsf = int(self.pipe.vae_scale_factor)
+        return int(h2) * 2 * vsf, int(w2) * 2 * vsf
+
     def decode(self, x, height, width, *, clamp=True):
         pipe = self.pipe
         vae = pipe.vae
@@ -517,6 +563,16 @@ class QwenImageAdapter(FamilyAdapter):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0] / 2 + 0.5
         return image.clamp(0, 1) if clamp else image
+
+
+def _size_from_ids(ids, vae_scale_factor) -> Optional[tuple[int, int]]:
+    """The image size of packed tokens from their position ids (FLUX.1 ``(seq, 3)``, FLUX.2 ``(B, seq, 4)``:
+    the row and the column are columns 1 and 2)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3):
+        return None
+    pos = ids[0] if ids.dim() == 3 else ids
+    rows, cols = int(pos[:, 1].max()) + 1, int(pos[:, 2].max()) + 1
+    return rows * 2 * int(vae_scale_factor), cols * 2 * int(vae_scale_factor)
 
 
 #: The one registry of supported families: loading, the CLI, the demo and ``ngdiag.testing`` read it.

@@ -20,6 +20,7 @@ from ngdiag.core.sampling import VelocityEval
 __all__ = [
     "adapter_layers",
     "adapters_disabled",
+    "layers_disabled",
     "mixed_batch_problem",
     "mixed_adapter_batch",
     "AdapterDisabled",
@@ -55,7 +56,15 @@ def adapters_disabled(module: torch.nn.Module):
     """Switch every adapter in ``module`` off inside the block: LoRA layers run their base layer and
     ``modules_to_save`` wrappers their original module. State and ``requires_grad`` flags are restored
     in ``finally`` (peft's own switch turns gradients of the adapter weights on when re-enabling)."""
-    layers = adapter_layers(module)
+    with layers_disabled(adapter_layers(module)):
+        yield
+
+
+@contextlib.contextmanager
+def layers_disabled(layers):
+    """Switch the adapters of the given PEFT ``layers`` (from :func:`adapter_layers`) off inside the block,
+    the others stay as they are; state and ``requires_grad`` flags are restored in ``finally``."""
+    layers = list(layers)
     previous = [m.disable_adapters for m in layers]
     params = [p for m in layers for p in m.parameters()]
     grads = [p.requires_grad for p in params]

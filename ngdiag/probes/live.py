@@ -17,6 +17,10 @@ Qwen-Image), one call is ``cond`` alone. The scale ``w`` is solved from the sche
 checked, also with Qwen-Image's per-token rescale of the guided velocity; the probe refuses
 pipelines whose guided velocity is neither.
 
+It also records where the ratio sits on the latent grid (:mod:`ngdiag.probes.spatial`): the image
+size is read from the transformer's inputs (FLUX's position ids, Qwen-Image's ``img_shapes``) and the
+packed tokens are unpacked by the family adapter; :meth:`LiveProbe.spatial` returns the maps.
+
 Without an intervention the probe only reads: the pipeline's images are bit-identical.
 """
 
@@ -27,11 +31,13 @@ from typing import Optional
 
 import torch
 
-from ngdiag.core.errors import ConfigError
+from ngdiag.core.errors import CheckpointError, ConfigError
+from ngdiag.models.families import adapter_for
 from ngdiag.models.pair import adapter_layers, adapters_disabled
 from ngdiag.probes.paired import check_pair_finite, compare_pair
 from ngdiag.probes.records import CALLS, NormRecord, StepRecorder
 from ngdiag.probes.renorm import cfg_renorm_intervention, rl_renorm_intervention
+from ngdiag.probes.spatial import SpatialMaps, SpatialRecorder
 from ngdiag.core.sampling import VelocityEval, apply_guidance
 
 __all__ = ["probe", "LiveProbe"]
@@ -62,6 +68,13 @@ class LiveProbe:
         self._intervene = None
         self._offset = 0
         self._batch = None
+        self._spatial: Optional[SpatialRecorder] = None
+        self._spatial_parts: list = []
+        self._size = None
+        try:
+            self._family = adapter_for(pipe)
+        except CheckpointError:  # a pipeline of another family: norms only, no spatial maps
+            self._family = None
 
     # ----- transformer hook -----
     def _after_forward(self, module, args, kwargs, output):
@@ -78,6 +91,8 @@ class LiveProbe:
         finally:
             self._inside = False
         self._calls.append((_first_tensor(output).detach(), _first_tensor(ref_out).detach()))
+        if self._family is not None:
+            self._size = self._family.image_size_of_call(kwargs)
         return None
 
     # ----- scheduler hook -----
@@ -145,6 +160,8 @@ class LiveProbe:
             ids = self._recorder.sample_ids
             check_pair_finite(ev, step=k, t=t, sample_ids=ids)
             self._recorder.add(t, t_next, compare_pair(ev, ev.extras["ref"], step=k))
+            if self._spatial is not None:
+                self._spatial.add(t, t_guided, r_guided, step=k)
             if self._intervene is not None:
                 model_output = self._intervene(k, scheduler.sigmas[k].expand(n), ev)
             out = original(model_output, timestep, sample, *args, **kwargs)
@@ -161,12 +178,22 @@ class LiveProbe:
         if self.renorm is not None:  # the sampler's own intervention, step for step
             make = rl_renorm_intervention if self.renorm == "rl" else cfg_renorm_intervention
             self._intervene = make(sample_ids=self._recorder.sample_ids)
+        if self._family is not None:
+            self._spatial = SpatialRecorder(self._recorder.sample_ids, self._layout)
+
+    def _layout(self, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() == 4 or self._size is None:
+            return v
+        return self._family.latent_grid(v, *self._size)
 
     def _finish_record(self):
         if self._recorder is not None and self._recorder.num_steps:
             self.records.append(self._recorder.record())
+            if self._spatial is not None and self._spatial.maps:
+                self._spatial_parts.append(self._spatial.part())
             self._offset += self._batch
         self._recorder = None
+        self._spatial = None
 
     def record(self) -> NormRecord:
         """All pipeline calls made inside the block, joined along samples (ids 0, 1, ...)."""
@@ -177,6 +204,14 @@ class LiveProbe:
 
     def to_frame(self):
         return self.record().to_frame()
+
+    def spatial(self) -> SpatialMaps:
+        """The spatial ratio maps of the guided velocity (:class:`~ngdiag.probes.spatial.SpatialMaps`) of
+        all pipeline calls in the block: every sample's map, the per-step and the mean map."""
+        self._finish_record()
+        if not self._spatial_parts:
+            raise ConfigError("the probe recorded no spatial maps: call a pipeline of a supported family inside the with-block")
+        return SpatialMaps.join(self._spatial_parts)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ from ngdiag.core.lazy import lazy_attributes
 
 _LAZY = {
     **dict.fromkeys(
-        ("render_audit_report", "render_sensitivity_report", "render_compare_report", "write_html", "figure_to_data_uri",
+        ("render_audit_report", "render_sensitivity_report", "render_compare_report", "render_attribution_report",
+         "write_html", "figure_to_data_uri",
          "format_interval"),
         "ngdiag.report.html",
     ),

@@ -53,6 +53,9 @@ __all__ = [
     "ratio_histogram",
     "cosine_and_radial",
     "image_grid",
+    "spatial_maps",
+    "spatial_steps",
+    "attribution_bars",
     "sensitivity_curves",
     "sensitivity_spread",
     "training_curves",
@@ -427,6 +430,126 @@ def image_grid(images: Mapping[str, object], max_images: int = 8, *,
                 if r == 0:
                     label = column_labels[j] if column_labels is not None and j < len(column_labels) else f"sample {j}"
                     ax.set_title(str(label), fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- spatial maps
+RATIO_CMAP = "RdBu_r"  # red: theta's velocity larger (the theta colour's side), blue: the reference's
+
+
+def _ratio_norm(maps: Sequence[np.ndarray]):
+    """A diverging colour scale centred on ratio 1, symmetric in log, shared by ``maps``."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    values = np.concatenate([np.log(np.asarray(m, dtype=float)).ravel() for m in maps])
+    if not np.isfinite(values).all() or not (np.asarray([np.min(m) for m in maps]) > 0).all():
+        raise ConfigError("ratio maps must be positive and finite")
+    span = max(float(np.abs(values).max()), 1e-6)
+    return TwoSlopeNorm(vcenter=1.0, vmin=float(np.exp(-span)), vmax=float(np.exp(span)))
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def spatial_maps(sample_maps: np.ndarray, mean_map: np.ndarray, *, images: Optional[np.ndarray] = None,
+                 column_labels: Optional[Sequence[str]] = None, max_maps: int = 8, max_side: int = 256) -> Figure:
+    """Heat maps of ``||v_theta(p)|| / ||v_ref(p)||`` on the latent grid, under the decoded images.
+
+    Args:
+        sample_maps: ``(M, h, w)`` per-sample maps (mean over steps, geometric).
+        mean_map: ``(h, w)`` the mean map over all samples, drawn in the last column.
+        images: optional ``(M', 3, H, W)`` images in ``[0, 1]`` of the same samples (first row).
+        column_labels: a title per sample column.
+    """
+    sample_maps = np.asarray(sample_maps, dtype=float)
+    mean_map = np.asarray(mean_map, dtype=float)
+    if sample_maps.ndim != 3 or mean_map.ndim != 2:
+        raise ConfigError(f"spatial maps need (M, h, w) and (h, w), got {sample_maps.shape} and {mean_map.shape}")
+    m = min(int(max_maps), len(sample_maps))
+    rows = 2 if images is not None and len(images) else 1
+    imgs = _as_images("images", images) if rows == 2 else None
+    norm = _ratio_norm([mean_map] + [sample_maps[j] for j in range(m)])
+    cell = 1.55
+    with _style():
+        fig = Figure(figsize=(1.2 + cell * (m + 1), 0.4 + cell * rows), layout="constrained")
+        axes = np.atleast_2d(fig.subplots(rows, m + 1, squeeze=False))
+        for j in range(m + 1):
+            for r in range(rows):
+                _bare(axes[r, j])
+            mapped = axes[rows - 1, j]
+            if j < m:
+                label = column_labels[j] if column_labels is not None and j < len(column_labels) else f"sample {j}"
+                axes[0, j].set_title(str(label), fontsize=8)
+                image = mapped.imshow(sample_maps[j], cmap=RATIO_CMAP, norm=norm, interpolation="nearest")
+                if rows == 2 and j < len(imgs):
+                    axes[0, j].imshow(_downsample(imgs[j], max_side), vmin=0, vmax=1)
+            else:
+                axes[0, j].set_title("mean over samples", fontsize=8)
+                image = mapped.imshow(mean_map, cmap=RATIO_CMAP, norm=norm, interpolation="nearest")
+                if rows == 2:
+                    axes[0, j].axis("off")
+        if rows == 2:
+            axes[0, 0].set_ylabel("image", fontsize=9)
+        axes[rows - 1, 0].set_ylabel("ratio map", fontsize=9)
+        fig.colorbar(image, ax=axes[rows - 1, :].tolist(), shrink=0.9, label=RATIO_LABEL)
+    return fig
+
+
+def spatial_steps(step_maps: np.ndarray, times: Sequence[float], *, max_panels: int = 6) -> Figure:
+    """The per-step mean maps ``M_k(p)`` at up to ``max_panels`` steps spread over the trajectory."""
+    step_maps = np.asarray(step_maps, dtype=float)
+    if step_maps.ndim != 3 or len(step_maps) != len(times):
+        raise ConfigError(f"step maps need shape (S, h, w) with S = len(times), got {step_maps.shape}")
+    picks = sorted(set(np.linspace(0, len(step_maps) - 1, min(max_panels, len(step_maps))).round().astype(int).tolist()))
+    norm = _ratio_norm([step_maps[k] for k in picks])
+    cell = 1.45
+    with _style():
+        fig = Figure(figsize=(1.2 + cell * len(picks), 0.5 + cell), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(picks), squeeze=False)[0])
+        for ax, k in zip(axes, picks):
+            _bare(ax)
+            image = ax.imshow(step_maps[k], cmap=RATIO_CMAP, norm=norm, interpolation="nearest")
+            ax.set_title(f"step {k}, t={float(times[k]):.2f}", fontsize=8)
+        fig.colorbar(image, ax=axes.tolist(), shrink=0.9, label=RATIO_LABEL)
+    return fig
+
+
+# ----------------------------------------------------------------------------- attribution
+def attribution_bars(table: pd.DataFrame, *, max_groups: int = 30) -> Figure:
+    """Per-group effects on the log-ratio, largest first: leave-one-out (theta colour) and single-group
+    (reference colour) with their intervals; the total as a vertical line.
+
+    ``table`` has ``group``, ``loo_effect``, ``loo_ci_low``, ``loo_ci_high`` and optionally
+    ``single_effect``, ``single_ci_low``, ``single_ci_high``; ``table.attrs["total"]`` the total.
+    """
+    _require(table, ("group", "loo_effect", "loo_ci_low", "loo_ci_high"), "attribution_bars")
+    frame = table.head(int(max_groups)).iloc[::-1]
+    y = np.arange(len(frame))
+    single = "single_effect" in frame.columns
+    height = 0.38 if single else 0.7
+    with _style():
+        fig = Figure(figsize=(7.0, 1.3 + 0.28 * len(frame)), layout="constrained")
+        ax = fig.subplots()
+        def bars(prefix, offset, color, label):
+            v = frame[f"{prefix}_effect"].to_numpy(float)
+            err = np.vstack([v - frame[f"{prefix}_ci_low"].to_numpy(float), frame[f"{prefix}_ci_high"].to_numpy(float) - v])
+            ax.barh(y + offset, v, height=height, color=color, xerr=np.clip(err, 0, None), capsize=2, label=label,
+                    error_kw={"linewidth": 0.8})
+        bars("loo", height / 2 if single else 0, THETA_COLOR, "leave-one-out: total − without the group")
+        if single:
+            bars("single", -height / 2, REF_COLOR, "single: only the group on")
+        total = table.attrs.get("total")
+        if total is not None:
+            ax.axvline(float(total), color=NEUTRAL_COLOR, linestyle="--", linewidth=1, label="total")
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        ax.set_yticks(y)
+        ax.set_yticklabels([str(g) for g in frame["group"]], fontsize=7)
+        ax.set_xlabel("effect on the mean log-ratio log(||v_θ|| / ||v_ref||)")
+        ax.grid(axis="y", visible=False)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, frameon=False)
     return fig
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "render_audit_report",
     "render_sensitivity_report",
     "render_compare_report",
+    "render_attribution_report",
     "render_demo_page",
     "table_of",
     "figure_block",
@@ -395,9 +396,34 @@ def _column_labels(per_sample: Optional[pd.DataFrame], n: int) -> Optional[list]
     return [f"seed {s}" for s in seeds] if len(seeds) == n else None
 
 
+def _spatial_block(spatial, summary: Mapping, images: Optional[Mapping], per_sample: pd.DataFrame) -> Optional[dict]:
+    """The spatial section: heat maps beside the decoded images, the per-step maps and the share."""
+    if spatial is None:
+        return None
+    arrays = spatial.arrays() if hasattr(spatial, "arrays") else dict(spatial)
+    missing = [k for k in ("mean_map", "sample_ids", "sample_maps", "step_maps", "times") if k not in arrays]
+    if missing:
+        raise ConfigError(f"the spatial maps lack {', '.join(missing)}")
+    ids = np.asarray(arrays["sample_ids"])
+    row = None
+    if images:
+        name = next((k for k in ("rl", "base") if k in images), next(iter(images)))
+        row = np.asarray(images[name])
+    n = min(8, len(ids)) if row is None else min(8, len(ids), len(row))
+    order = np.argsort(ids, kind="stable")[:n]
+    labels = _column_labels(per_sample, n) if row is not None else [f"sample {int(i)}" for i in ids[order]]
+    block = dict(summary.get("spatial") or {})
+    block["maps"] = _figure(F.spatial_maps, np.asarray(arrays["sample_maps"])[order], arrays["mean_map"],
+                            images=None if row is None else row[:n], column_labels=labels,
+                            alt="Ratio maps ||v_θ||/||v_ref|| per latent position under the decoded images, and the mean map")
+    block["steps"] = _figure(F.spatial_steps, arrays["step_maps"], arrays["times"],
+                             alt="Mean ratio map over samples at several steps")
+    return block
+
+
 def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd.DataFrame,
                         images: Optional[Mapping] = None, prompts: Optional[Sequence[str]] = None,
-                        spectrum: Optional[pd.DataFrame] = None) -> str:
+                        spectrum: Optional[pd.DataFrame] = None, spatial=None) -> str:
     """The audit report (one self-contained HTML page).
 
     Args:
@@ -412,6 +438,8 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         prompts: the audit's prompts (sample ``i`` uses ``prompts[i % len(prompts)]``).
         spectrum: the mean radial power spectrum per model (``AuditResult.spectrum``, the audit's
             ``spectrum.csv``: ``frequency, model, power``), plotted in the quality section.
+        spatial: optional :class:`~ngdiag.probes.spatial.SpatialMaps` (or a mapping of its ``arrays()``):
+            heat maps beside the images; its numbers come from ``summary["spatial"]`` when present.
 
     Returns:
         The HTML text; write it with :func:`write_html`.
@@ -476,6 +504,7 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         unavailable=unavailable,
         grid=grid,
         renorm=_renorm_block(summary["renorm"]) if summary.get("renorm") else None,
+        spatial=_spatial_block(spatial, summary, images, per_sample),
         reward=_reward_table(summary["reward"]) if summary.get("reward") else None,
         quality=_quality_section(summary["quality"], spectrum) if summary.get("quality") else None,
         step_table=step_table,
@@ -484,6 +513,41 @@ def render_audit_report(summary: Mapping, per_step: pd.DataFrame, per_sample: pd
         config_rows=_config_rows(summary.get("config") or {}, prompts is not None),
         versions=_versions_of(summary),
     )
+
+
+# ----------------------------------------------------------------------------- attribution
+def render_attribution_report(summary: Mapping, table: pd.DataFrame) -> str:
+    """The per-layer attribution report: ranked table, bar chart with intervals, sums against the total.
+
+    Args:
+        summary: the attribution's ``summary.json`` (``AttributionResult.summary()``).
+        table: ``AttributionResult.table`` (``group, loo_effect, loo_ci_low, loo_ci_high, loo_share`` and
+            optionally the ``single_*`` columns), ranked.
+    """
+    _check_schema(summary, "attribution")
+    if not isinstance(table, pd.DataFrame):
+        raise ConfigError("table must be a pandas DataFrame")
+    total = summary.get("total") or {}
+    frame = table.copy()
+    frame.attrs["total"] = total.get("log_ratio")
+    figure = _figure(F.attribution_bars, frame, alt="Effect of each group on the mean log-ratio, with intervals")
+    columns = [("rank", "rank"), ("group", "group"), ("loo_effect", "leave-one-out effect"), ("loo_ci_low", "CI low"),
+               ("loo_ci_high", "CI high"), ("loo_share", "share of total"), ("single_effect", "single effect"),
+               ("single_ci_low", "CI low"), ("single_ci_high", "CI high"), ("single_share", "share of total")]
+    sums = [("total T (mean log-ratio)", _num(total.get("log_ratio"))),
+            ("total inflation exp(T) − 1", format_percent(total.get("inflation"), 2, sign=True)),
+            ("sum of leave-one-out effects", _num(summary.get("sum_loo_effects"))),
+            ("interaction (total − sum, leave-one-out)", _num(summary.get("interaction_loo")))]
+    if "sum_single_effects" in summary:
+        sums += [("sum of single-group effects", _num(summary.get("sum_single_effects"))),
+                 ("interaction (total − sum, single)", _num(summary.get("interaction_single")))]
+    facts = [("checkpoint", _cell(summary.get("checkpoint"))), ("base", _cell(summary.get("base"))),
+             ("family", _cell(summary.get("family"))), ("groups", f"{summary.get('num_groups')} by {summary.get('group_by')}"),
+             ("switch", _cell(summary.get("switch"))), ("samples", _cell(summary.get("num_samples")))]
+    return _render("attribution.html.j2", title=f"ngdiag attribution: {summary.get('checkpoint') or 'checkpoint'}",
+                   summary=summary, facts=facts, bars=figure, sums=sums,
+                   table=_table(frame.drop(columns=[c for c in ("modules",) if c in frame.columns]), columns),
+                   config_rows=_config_rows(summary.get("config") or {}, False), versions=_versions_of(summary))
 
 
 # ----------------------------------------------------------------------------- sensitivity

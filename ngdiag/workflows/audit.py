@@ -37,6 +37,7 @@ from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
 from ngdiag.probes.paired import TRAJECTORIES, PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import RENORM_TARGETS, rl_renorm_intervention
+from ngdiag.probes.spatial import SpatialMaps, SpatialRecorder
 from ngdiag.runs import RunFolder, Workflow, lock_output, merge_workflow, parse_shard, run_workflow, versions
 from ngdiag.core.sampling import sample
 from ngdiag.quality import MEASURES, paired_differences, quality_table, radial_power_spectrum
@@ -75,6 +76,9 @@ class AuditConfig(SampleSet):
             default). ``ngdiag sweep`` and ``ngdiag compare`` sample the base once for many
             checkpoints and turn it off for the others; it needs ``trajectory="theta"`` and no
             ``renorm`` (which compares against the base's samples).
+        spatial_maps: keep every sample's own spatial ratio map (:mod:`ngdiag.probes.spatial`) in the
+            result and in ``spatial.npz``; by default only the image grid's samples keep theirs. The
+            mean map over samples and the per-step maps are always kept.
     """
 
     trajectory: str = "theta"
@@ -89,6 +93,7 @@ class AuditConfig(SampleSet):
     fuse_lora: Optional[bool] = None
     sample_base: bool = True
     fd_encoder: Optional[str] = None
+    spatial_maps: bool = False
 
     _needs_two = "an audit needs at least 2 samples for a confidence interval"
 
@@ -114,6 +119,8 @@ class AuditConfig(SampleSet):
             d.pop("sample_base", None)
         if d.get("fd_encoder") is None:
             d.pop("fd_encoder", None)
+        if not d.get("spatial_maps", False):
+            d.pop("spatial_maps", None)  # likewise: the default leaves old fingerprints unchanged
         return d
 
 
@@ -136,6 +143,10 @@ class AuditResult:
             ``model``, ``power``: the mean over samples), with ``quality``, else ``None``.
         features: ``{model: (N, D) array}`` of the ``fd_encoder``'s features of every image, in sample order.
         frechet: ``{model: FrechetResult}`` of every model other than the base against the base's images.
+        spatial: where the ratio sits on the latent grid (:class:`~ngdiag.probes.spatial.SpatialMaps`:
+            the mean map ``(h, w)``, the per-step maps ``(steps, h, w)``, per-sample maps
+            ``(samples, h, w)`` of the grid's samples or of all with ``spatial_maps``), or ``None`` for
+            audits written before spatial maps existed.
         config: the audit config; checkpoint: what was audited.
     """
 
@@ -152,6 +163,7 @@ class AuditResult:
     spectrum: Optional[pd.DataFrame] = None
     features: dict = field(default_factory=dict)
     frechet: dict = field(default_factory=dict)
+    spatial: Optional[SpatialMaps] = None
 
     @property
     def verdict(self) -> str:
@@ -211,6 +223,8 @@ class AuditResult:
             if self.frechet:
                 out["quality"]["frechet"] = {"encoder": self.config.fd_encoder,
                                              **{m: asdict(r) for m, r in self.frechet.items()}}
+        if self.spatial is not None:
+            out["spatial"] = self.spatial.summary()
         return out
 
     def save(self, out_dir, *, report: bool = True) -> dict:
@@ -229,13 +243,15 @@ class AuditResult:
             from ngdiag.report.html import render_audit_report
 
             html = render_audit_report(summary, self.per_step, self.per_sample, images=self.images or None,
-                                       prompts=self.config.prompts, spectrum=self.spectrum)
+                                       prompts=self.config.prompts, spectrum=self.spectrum, spatial=self.spatial)
         out_dir.write("steps.csv", lambda p: self.per_step.to_csv(p, index=False))
         out_dir.write("records.parquet", lambda p: self.to_frame().to_parquet(p, index=False))
         if self.quality is not None:
             out_dir.write("quality.csv", lambda p: self.quality.to_csv(p, index=False))
         if self.spectrum is not None:
             out_dir.write("spectrum.csv", lambda p: self.spectrum.to_csv(p, index=False))
+        if self.spatial is not None:
+            out_dir.write("spatial.npz", lambda p: _savez(p, **self.spatial.arrays()))
         if html is not None:
             out_dir.write_text("report.html", html)
         out_dir.write_text("summary.json", json.dumps(summary, indent=2))
@@ -354,12 +370,20 @@ class _BatchRunner:
         if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self._fusable())):
             fused = FusedLoraPair(batch.conditioning, self.ckpt.theta, ADAPTER_NAME)
         recorder = PairRecorder(ids)
+        h, w = batch.config.height, batch.config.width
+        spatial = SpatialRecorder(ids, lambda v: self.ckpt.adapter.latent_grid(v, h, w))
+
+        def record(step):
+            recorder(step)
+            spatial(step)
+
         main = sample(PairedVelocity(theta_g, ref_g, trajectory=cfg.trajectory, fused=fused), batch.x_init, batch.sigmas,
-                      callback=recorder)
-        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": [],
-               "spectrum": None, "features": {}}
-        needs_extra = cfg.renorm or cfg.reward is not None
+                      callback=record)
         grid = [j for j, i in enumerate(ids) if i < cfg.grid_size]
+        out = {"record": recorder.record(), "ids": ids, "images": {}, "rewards": [], "distances": [], "quality": [],
+               "spectrum": None, "features": {},
+               "spatial": spatial.part(keep=None if cfg.spatial_maps else [ids[j] for j in grid])}
+        needs_extra = cfg.renorm or cfg.reward is not None
         finals = {"rl" if cfg.trajectory == "theta" else "base": main.x_final}
         if needs_extra:
             if cfg.trajectory == "theta":
@@ -379,7 +403,6 @@ class _BatchRunner:
                 dist = (finals[name].reshape(len(ids), -1).double() - base).norm(dim=1) / base.norm(dim=1)
                 out["distances"] += [{"sample": i, "model": name, "relative_distance_to_base": float(d)} for i, d in zip(ids, dist)]
         decode_all = self.reward is not None
-        h, w = batch.config.height, batch.config.width
         for name, x in finals.items():
             if not decode_all and not grid:
                 continue
@@ -475,8 +498,11 @@ def _finalize(parts: dict, config: AuditConfig, checkpoint: dict) -> AuditResult
                if parts.get("quality") else None)
     spectrum = _mean_spectrum(parts.get("spectra") or []) if quality is not None else None
     features, frechet = _features(parts.get("features") or [], config)
+    spatial_parts = parts.get("spatial") or []
+    # audits written before spatial maps existed have none; a partial set (a resumed old run) gives none either
+    spatial = SpatialMaps.join(spatial_parts) if spatial_parts and all(p is not None for p in spatial_parts) else None
     return AuditResult(record, inflation, per_step, per_sample, config, checkpoint, rewards, renorm, images, quality,
-                       spectrum, features, frechet)
+                       spectrum, features, frechet, spatial)
 
 
 def _features(parts: list, config: AuditConfig) -> tuple:
@@ -521,7 +547,7 @@ class AuditWorkflow(Workflow):
     title = "an audit"
     merge_command = "ngdiag merge"
     config_type = AuditConfig
-    part_files = ("images.npz", "features.npz", "extras.json", "records.parquet")  # the records last: they mark the batch done
+    part_files = ("images.npz", "features.npz", "extras.json", "spatial.npz", "records.parquet")  # the records last: they mark the batch done
 
     def write_part(self, folder: RunFolder, b: int, part: dict) -> None:
         names = self.part_paths(b)
@@ -533,6 +559,8 @@ class AuditWorkflow(Workflow):
             folder.write(names["features"], lambda p: _savez(p, ids=np.asarray(part["ids"]), **arrays))
         folder.write_text(names["extras"], json.dumps({"rewards": part["rewards"], "distances": part["distances"],
                                                        "quality": part["quality"], "spectrum": part.get("spectrum")}))
+        if part.get("spatial") is not None:
+            folder.write(names["spatial"], lambda p: _savez(p, **{k: np.asarray(v) for k, v in part["spatial"].items()}))
         folder.write(names["records"], lambda p: part["record"].to_frame().to_parquet(p, index=False))
 
     def read_part(self, path: Path, b: int) -> dict:
@@ -541,6 +569,10 @@ class AuditWorkflow(Workflow):
         part = {"record": NormRecord.from_frame(pd.read_parquet(names["records"])), "rewards": extras["rewards"],
                 "distances": extras["distances"], "quality": extras.get("quality", []),
                 "spectrum": extras.get("spectrum"), "images": {}, "grid_ids": []}
+        part["spatial"] = None
+        if names["spatial"].is_file():  # absent in parts written before spatial maps existed
+            with np.load(names["spatial"]) as data:
+                part["spatial"] = {k: data[k] for k in data.files}
         if names["images"].is_file():
             with np.load(names["images"]) as data:
                 part["grid_ids"] = data["ids"]
@@ -558,7 +590,8 @@ class AuditWorkflow(Workflow):
                   "quality": [q for p in parts for q in p.get("quality", [])],
                   "spectra": [p.get("spectrum") for p in parts],
                   "features": [(p["ids"], p.get("features") or {}) for p in parts] if self.config.fd_encoder else [],
-                  "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]]}
+                  "images": [(p["grid_ids"], p["images"]) for p in parts if p["images"]],
+                  "spatial": [p.get("spatial") for p in parts]}
         return _finalize(joined, self.config, self.checkpoint)
 
 

@@ -1,0 +1,246 @@
+"""Where the inflation sits in the image: per-position ratio maps of ``||v_theta|| / ||v_ref||``.
+
+At every step ``k`` and for every sample ``i`` the guided velocities of theta and ref (the same
+``(x_t, t, c)``) are laid out on the latent grid ``(C, h, w)`` (packed tokens are unpacked by the
+family adapter, :meth:`ngdiag.models.families.FamilyAdapter.latent_grid`, a permutation) and the
+norm over channels is taken at each latent position ``p = (y, x)``::
+
+    r_ik(p) = ||v_theta(p)|| / ||v_ref(p)||        (norm over the C channels at p)
+
+Maps average log-ratios, as the inflation does (CONVENTIONS "Inflation summary and verdict"):
+
+- per-sample map ``m_i(p) = exp(mean_k log r_ik(p))`` (mean over steps);
+- per-step map ``M_k(p) = exp(mean_i log r_ik(p))`` (mean over samples);
+- mean map ``M(p) = exp(mean_i mean_k log r_ik(p))``.
+
+A planted scale by ``s`` on a region gives ``s`` exactly there and 1 elsewhere, in every map.
+
+**Uniform or local.** The positive excess of the mean map at ``p`` is ``e(p) = max(0, log M(p))``.
+The *top-10 % share* is the part of the total excess that falls on the 10 % of positions
+(``ceil(0.1 P)`` of the ``P`` positions) with the largest excess::
+
+    share = sum of the ceil(0.1 P) largest e(p) / sum_p e(p)
+
+A uniform inflation puts the same excess everywhere: the share is ``ceil(0.1 P) / P``, about 0.1.
+An inflation confined to a fraction ``f >= 0.1`` of the image gives about ``0.1 / f`` (0.4 for one
+quadrant), and 1 when it is confined to 10 % or less. :func:`locality` reads it: ``"local"`` above
+:data:`LOCAL_ABOVE` (0.3), ``"uniform"`` at or below :data:`UNIFORM_UP_TO` (0.2), ``"mixed"`` between,
+``"none"`` without any positive excess (share undefined). The share describes where the excess
+sits; it means little when the audit finds no inflation (then the excess is only noise).
+
+Example:
+    >>> import torch
+    >>> from ngdiag.probes.spatial import log_ratio_map, top_share
+    >>> theta = torch.ones(1, 4, 2, 2); theta[:, :, 0, 0] *= 2.0
+    >>> float(log_ratio_map(theta, torch.ones(1, 4, 2, 2))[0, 0, 0].exp())
+    2.0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ngdiag.core.errors import ConfigError, NumericalError
+
+__all__ = [
+    "TOP_FRACTION", "LOCAL_ABOVE", "UNIFORM_UP_TO", "position_norms", "log_ratio_map", "top_share", "locality",
+    "SpatialRecorder", "SpatialMaps",
+]
+
+#: the fraction of positions whose share of the excess is measured
+TOP_FRACTION = 0.1
+#: a top-10 % share above this is "local"
+LOCAL_ABOVE = 0.3
+#: a top-10 % share at or below this is "uniform" (the uniform value is about 0.1)
+UNIFORM_UP_TO = 0.2
+
+
+def position_norms(grid: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w) -> (B, h, w)``: the norm over channels at each latent position (float32, float64
+    for float64 input)."""
+    if grid.dim() != 4:
+        raise ConfigError(f"position_norms needs a latent grid (B, C, h, w), got shape {tuple(grid.shape)}")
+    dtype = torch.float64 if grid.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(grid.detach().to(dtype), dim=1)
+
+
+def log_ratio_map(theta_grid: torch.Tensor, ref_grid: torch.Tensor, *, step: Optional[int] = None,
+                  sample_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``log r(p) = log ||v_theta(p)|| - log ||v_ref(p)||`` per sample and position, ``(B, h, w)`` float64 on the CPU.
+
+    Raises:
+        ConfigError: the grids differ in shape.
+        NumericalError: a position has a zero or non-finite norm (named with the step and samples).
+    """
+    if theta_grid.shape != ref_grid.shape:
+        raise ConfigError(f"theta's and ref's grids differ: {tuple(theta_grid.shape)} and {tuple(ref_grid.shape)}")
+    a, b = position_norms(theta_grid).cpu().double(), position_norms(ref_grid).cpu().double()
+    for who, n in (("v_theta", a), ("v_ref", b)):
+        bad = ~(torch.isfinite(n) & (n > 0))
+        if bad.any():
+            rows = torch.nonzero(bad.flatten(1).any(dim=1)).flatten().tolist()
+            ids = [int(sample_ids[r]) for r in rows] if sample_ids is not None else rows
+            where = f" at step {step}" if step is not None else ""
+            raise NumericalError(f"{who} has a zero or non-finite norm at some latent positions{where} for samples {ids}: "
+                                 "the spatial ratio map is undefined there")
+    return a.log() - b.log()
+
+
+def top_share(ratio_map, fraction: float = TOP_FRACTION) -> Optional[float]:
+    """The share of the positive log-excess ``max(0, log map)`` on the top ``fraction`` of positions
+    (``ceil(fraction * P)`` of ``P``); ``None`` when no position has an excess."""
+    excess = np.maximum(np.log(np.asarray(ratio_map, dtype=np.float64)).ravel(), 0.0)
+    total = float(excess.sum())
+    if not total > 0:
+        return None
+    n = max(1, math.ceil(fraction * excess.size - 1e-9))
+    return float(np.sort(excess)[::-1][:n].sum() / total)
+
+
+def locality(share: Optional[float]) -> str:
+    """``"local"`` (share > 0.3), ``"uniform"`` (share <= 0.2), ``"mixed"`` between, ``"none"`` (no excess)."""
+    if share is None:
+        return "none"
+    if share > LOCAL_ABOVE:
+        return "local"
+    return "uniform" if share <= UNIFORM_UP_TO else "mixed"
+
+
+class SpatialRecorder:
+    """Step callback for :func:`ngdiag.core.sampling.sample` with a :class:`~ngdiag.probes.paired.PairedVelocity`:
+    records each step's log-ratio map of the guided velocities.
+
+    Args:
+        sample_ids: global ids of the batch's samples.
+        layout: ``v -> (B, C, h, w)``, the family's latent grid of a velocity (e.g.
+            ``lambda v: adapter.latent_grid(v, height, width)``).
+    """
+
+    def __init__(self, sample_ids: Sequence[int], layout: Callable[[torch.Tensor], torch.Tensor]):
+        self.sample_ids = np.asarray(list(sample_ids), dtype=np.int64)
+        self.layout = layout
+        self.times: list = []
+        self.maps: list = []
+
+    def add(self, t: float, theta: torch.Tensor, ref: torch.Tensor, step: Optional[int] = None) -> None:
+        """Add one step from theta's and ref's velocities in the transformer's layout."""
+        log_map = log_ratio_map(self.layout(theta), self.layout(ref), step=step, sample_ids=self.sample_ids)
+        self.times.append(float(t))
+        self.maps.append(log_map.to(torch.float32).numpy())
+
+    def __call__(self, step) -> None:
+        ev = step.velocity
+        self.add(step.t, ev.guided, ev.extras["ref"].guided, step=step.step)
+
+    def log_maps(self) -> np.ndarray:
+        """``(S, B, h, w)`` float32 log-ratio maps of the steps so far."""
+        if not self.maps:
+            raise ConfigError("no steps were recorded")
+        return np.stack(self.maps)
+
+    def part(self, keep: Optional[Sequence[int]] = None) -> dict:
+        """What a batch contributes to :meth:`SpatialMaps.join`: ``times``, the sum over the batch's
+        samples of the log-ratio maps per step ``(S, h, w)`` (float64), its sample count, and the
+        mean-over-steps log maps of the samples ``keep`` (all when ``None``)."""
+        logs = self.log_maps()
+        keep_ids = self.sample_ids if keep is None else np.asarray([i for i in self.sample_ids if i in set(keep)], np.int64)
+        rows = [int(np.nonzero(self.sample_ids == i)[0][0]) for i in keep_ids]
+        return {"times": np.asarray(self.times, dtype=np.float64), "step_log_sum": logs.astype(np.float64).sum(axis=1),
+                "count": len(self.sample_ids), "ids": keep_ids,
+                "sample_log_maps": logs[:, rows].astype(np.float64).mean(axis=0).astype(np.float32)}
+
+
+@dataclass
+class SpatialMaps:
+    """Ratio maps on the latent grid ``(h, w)`` (module docstring for the definitions).
+
+    Attributes:
+        times: ``(S,)`` ``t_k`` of each step.
+        num_samples: how many samples the mean maps average.
+        step_maps: ``(S, h, w)``, ``M_k(p) = exp(mean_i log r_ik(p))``.
+        mean_map: ``(h, w)``, ``M(p) = exp(mean_i mean_k log r_ik(p))``.
+        sample_ids: ``(M,)`` the samples whose own map is kept (the report's image grid, or all with
+            ``AuditConfig.spatial_maps``).
+        sample_maps: ``(M, h, w)``, ``m_i(p) = exp(mean_k log r_ik(p))``.
+        velocity: which velocity (``"guided"``).
+    """
+
+    times: np.ndarray
+    num_samples: int
+    step_maps: np.ndarray
+    mean_map: np.ndarray
+    sample_ids: np.ndarray
+    sample_maps: np.ndarray
+    velocity: str = "guided"
+
+    @property
+    def grid(self) -> tuple:
+        return tuple(int(n) for n in self.mean_map.shape)
+
+    @property
+    def top_share(self) -> Optional[float]:
+        """The top-10 % share of the mean map's positive log-excess (:func:`top_share`)."""
+        return top_share(self.mean_map)
+
+    @property
+    def locality(self) -> str:
+        return locality(self.top_share)
+
+    def sample_map(self, sample_id: int) -> np.ndarray:
+        """``(h, w)`` map of one kept sample."""
+        hits = np.nonzero(self.sample_ids == int(sample_id))[0]
+        if not len(hits):
+            raise ConfigError(f"no spatial map kept for sample {sample_id} (kept: {self.sample_ids.tolist()})")
+        return self.sample_maps[hits[0]]
+
+    @classmethod
+    def join(cls, parts: Sequence[dict], velocity: str = "guided") -> "SpatialMaps":
+        """The maps of a whole run from its batches' :meth:`SpatialRecorder.part` (summed in the order given)."""
+        parts = list(parts)
+        if not parts:
+            raise ConfigError("no spatial parts to join")
+        times = parts[0]["times"]
+        for p in parts[1:]:
+            if not np.array_equal(p["times"], times) or p["step_log_sum"].shape != parts[0]["step_log_sum"].shape:
+                raise ConfigError("cannot join spatial maps of different schedules or grids")
+        total = np.zeros_like(parts[0]["step_log_sum"], dtype=np.float64)
+        for p in parts:
+            total = total + p["step_log_sum"]
+        n = int(sum(int(p["count"]) for p in parts))
+        step_logs = total / n
+        ids = np.concatenate([np.asarray(p["ids"], dtype=np.int64) for p in parts])
+        maps = np.concatenate([np.asarray(p["sample_log_maps"], dtype=np.float32).reshape(-1, *total.shape[1:])
+                               for p in parts])
+        order = np.argsort(ids, kind="stable")
+        return cls(times=np.asarray(times, dtype=np.float64), num_samples=n, step_maps=np.exp(step_logs),
+                   mean_map=np.exp(step_logs.mean(axis=0)), sample_ids=ids[order],
+                   sample_maps=np.exp(maps[order].astype(np.float64)), velocity=velocity)
+
+    def summary(self) -> dict:
+        """The ``spatial`` block of ``summary.json``."""
+        share = self.top_share
+        return {
+            "velocity": self.velocity,
+            "grid": list(self.grid),
+            "mean_map_min": float(self.mean_map.min()),
+            "mean_map_max": float(self.mean_map.max()),
+            "top_fraction": TOP_FRACTION,
+            "top_share": share,
+            "locality": locality(share),
+            "rule": f"local if top_share > {LOCAL_ABOVE}, uniform if <= {UNIFORM_UP_TO}, mixed between, none without excess",
+            "definition": "share of sum_p max(0, log M(p)) on the ceil(0.1 P) positions with the largest excess; "
+                          "M(p) = exp(mean over samples and steps of log(||v_theta(p)|| / ||v_ref(p)||)), norms over "
+                          "channels at latent position p",
+            "num_sample_maps": int(len(self.sample_ids)),
+            "file": "spatial.npz",
+        }
+
+    def arrays(self) -> dict:
+        """The arrays ``spatial.npz`` stores."""
+        return {"times": self.times, "step_maps": self.step_maps, "mean_map": self.mean_map,
+                "sample_ids": self.sample_ids, "sample_maps": self.sample_maps}
