@@ -178,3 +178,22 @@ def test_cli_spatial_maps_option_and_summary_line(tiny_bases, tmp_path):
     with np.load(tmp_path / "a" / "spatial.npz") as data:
         assert data["sample_ids"].tolist() == [0, 1, 2]
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["config"]["spatial_maps"] is True
+
+
+def test_held_out_share_sees_through_noise_but_keeps_a_real_hot_spot():
+    from ngdiag.probes.spatial import held_out_top_share, top_share
+
+    rng = np.random.default_rng(0)
+    # uniform inflation of 6 % plus position noise: the in-sample top share reads "local", the held-out one not
+    noisy = np.exp(np.log(1.06) + 0.15 * rng.standard_normal((16, 16, 16)))
+    mean_map = np.exp(np.log(noisy).mean(axis=0))
+    assert top_share(mean_map) > 0.2
+    assert held_out_top_share(noisy) < 0.15
+    # a real hot spot (one quadrant at 1.1, the rest at 1) with the same noise is found again on held-out samples
+    planted = np.ones((16, 16))
+    planted[:8, :8] = 1.1
+    spot = planted * np.exp(0.02 * rng.standard_normal((16, 16, 16)))
+    assert held_out_top_share(spot) > 0.3
+    exact = np.repeat(planted[None], 4, axis=0)  # noise-free maps: held out = in sample
+    assert held_out_top_share(exact) == pytest.approx(top_share(planted), rel=1e-12)
+    assert held_out_top_share(exact[:3]) is None

@@ -133,12 +133,12 @@ def test_demo_quick_writes_every_report(tmp_path):
     code, stdout, stderr = run_cli("demo", "--out", out, "--quick")
     assert code == 0, stderr
     index = (out / "index.html").read_text()
-    for stem in ("1-inflation", "2-renorm", "3-sensitivity", "4-normguard", "5-few-steps", "6-checkpoints"):
+    for stem in ("1-inflation", "2-renorm", "3-sensitivity", "4-normguard", "5-few-steps", "6-checkpoints", "7-where"):
         assert f'href="{stem}.html"' in index
         page = (out / f"{stem}.html").read_text()
-        assert "with the paper" in page
+        assert ("with the paper" if stem != "7-where" else "Not a claim of the paper") in page
     findings = json.loads((out / "demo.json").read_text())
-    assert findings["status"] == "done" and len(findings["verdicts"]) == 6
+    assert findings["status"] == "done" and len(findings["verdicts"]) == 7
     assert "audit of nft-plain" in stderr
     # a rerun into the same folder replaces the earlier demo
     code, _, stderr = run_cli("demo", "--out", out, "--quick", "--quiet")

@@ -45,8 +45,10 @@ def format_human(summary: dict) -> str:
     lines.append(f"verdict    : {summary['verdict']}")
     spatial = summary.get("spatial")
     if spatial and spatial.get("top_share") is not None:
+        held = spatial.get("held_out_top_share")
         lines.append(f"spatial    : {spatial['locality']} (top-10 % positions hold {100 * spatial['top_share']:.0f} % of the "
-                     f"excess; mean map {spatial['mean_map_min']:.4f} to {spatial['mean_map_max']:.4f})")
+                     + (f"excess, {100 * held:.0f} % on held-out samples" if held is not None else "excess")
+                     + f"; mean map {spatial['mean_map_min']:.4f} to {spatial['mean_map_max']:.4f})")
     if "reward" in summary:
         lines.append(f"reward     : {summary['reward'].get('name')}")
         for row in summary["reward"]["rows"]:

@@ -32,10 +32,10 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
         output_format: Annotated[str, typer.Option("--format", help="human or json (the findings to stdout).")] = "human",
     ):
-        """The NormGuard paper's six analyses on the shipped miniature world, one HTML report each.
+        """The NormGuard paper's analyses on the shipped miniature world, one HTML report each.
 
         Writes OUT/index.html (self-contained) linking the reports: inflation along the trajectory, inference-time
-        renormalization, S(t), NormGuard vs none, few-step sampling, and the checkpoints of each run. The world
+        renormalization, S(t), NormGuard vs none, few-step sampling, the checkpoints of each run, and where the inflation sits (spatial maps, per-block attribution). The world
         (a trained SD3-family base, its judge and reward, and two ngdiag-trained DiffusionNFT fine-tunes) ships
         with ngdiag; nothing is downloaded.
 
