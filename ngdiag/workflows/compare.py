@@ -410,19 +410,10 @@ def check_compare_output(path, inputs, *, overwrite: bool = False) -> Path:
 
 
 def _records(frame: pd.DataFrame) -> list:
-    out = []
-    for row in frame.to_dict(orient="records"):
-        clean = {}
-        for k, v in row.items():
-            if isinstance(v, np.integer):
-                v = int(v)
-            elif isinstance(v, np.bool_):
-                v = bool(v)
-            elif isinstance(v, (np.floating, float)):
-                v = None if not math.isfinite(float(v)) else float(v)
-            clean[k] = v
-        out.append(clean)
-    return out
+    """The rows of ``frame`` as JSON-safe dicts (numpy scalars as Python numbers, non-finite as ``None``)."""
+    from ngdiag.core.io import json_safe
+
+    return [json_safe(row) for row in frame.to_dict(orient="records")]
 
 
 def _history(runs: Sequence[RunInfo]) -> pd.DataFrame:

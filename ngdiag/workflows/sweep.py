@@ -30,7 +30,7 @@ import pandas as pd
 
 from ngdiag.core.errors import ConfigError
 
-__all__ = ["find_checkpoints", "run_sweep", "SweepResult", "paired_interval", "SCHEMA_VERSION", "is_sweep_folder"]
+__all__ = ["find_checkpoints", "run_sweep", "SweepResult", "paired_interval", "check_sweep_output", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 KIND = "sweep"
@@ -141,27 +141,10 @@ class SweepResult:
 
 
 def _records(frame: pd.DataFrame) -> list:
-    out = []
-    for row in frame.to_dict(orient="records"):
-        clean = {}
-        for k, v in row.items():
-            if isinstance(v, np.integer):
-                v = int(v)
-            elif isinstance(v, np.bool_):
-                v = bool(v)
-            elif isinstance(v, (np.floating, float)):
-                v = None if not math.isfinite(float(v)) else float(v)
-            clean[k] = v
-        out.append(clean)
-    return out
+    """The rows of ``frame`` as JSON-safe dicts (numpy scalars as Python numbers, non-finite as ``None``)."""
+    from ngdiag.core.io import json_safe
 
-
-def is_sweep_folder(path) -> bool:
-    """Whether ``path`` holds a sweep ngdiag wrote (its ``summary.json`` says ``"kind": "sweep"``)."""
-    try:
-        return json.loads((Path(path) / "summary.json").read_text(encoding="utf-8")).get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    return [json_safe(row) for row in frame.to_dict(orient="records")]
 
 
 def check_sweep_output(out, inputs) -> Path:
@@ -361,7 +344,7 @@ def _render_report(result: SweepResult) -> str:
     else:
         verdict = (f"First checkpoint whose {conf} inflation interval lies above {100 * result.threshold:g} %: "
                    f"checkpoint-{result.first_above}.")
-    frame = t.rename(columns={"iteration": "iteration"}).assign(run=result.run.name)
+    frame = t.assign(run=result.run.name)
     sections = [{
         "id": "inflation",
         "title": "Inflation against training iteration",
