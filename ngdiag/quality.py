@@ -525,10 +525,14 @@ def _clip_folder_encoder(path: Path, processor: Optional[Path], device, dtype) -
 
     from ngdiag.rewards.preprocess import ImagePreprocess, clip_preprocess
 
+    _check_clip_folder(path)
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ConfigError(f"cannot load a transformers CLIPModel from {path}: {str(exc).splitlines()[0]}") from None
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:  # transformers would fill them with random weights: a distance of noise
+        raise ConfigError(f"{path} lacks {len(missing)} weights of a CLIPModel (e.g. {missing[0]}); not a CLIP folder")
     model = model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
     config_file = next((f for f in ((processor or path) / "preprocessor_config.json",) if f.is_file()), None)
     if config_file is not None:
@@ -609,20 +613,47 @@ def image_encoder(spec, *, device=None, dtype: Optional[torch.dtype] = None, nam
     return encoder
 
 
-def check_encoder_spec(spec: str) -> None:
-    """Check an image-encoder spec (its kind and that its path exists) without loading any weights."""
+def _check_clip_folder(path: Path) -> None:
+    """A transformers CLIP folder: ``config.json`` with ``model_type`` ``clip`` (PickScore's is one too)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} holds no readable config.json: not a transformers CLIP folder") from None
+    if not isinstance(config, dict) or config.get("model_type") != "clip":
+        kind = config.get("model_type") or config.get("kind") if isinstance(config, dict) else None
+        raise ConfigError(f"{path} is not a transformers CLIP folder (its config.json says {kind!r}, not 'clip')")
+
+
+def check_encoder_spec(spec: str, *, option: Optional[str] = None) -> None:
+    """Check an image-encoder spec without loading any weights: its kind, that its path exists, and that a
+    CLIP / PickScore folder is one (``config.json`` of ``model_type`` ``clip``) and a world folder holds the
+    judge. ``option`` (e.g. ``"--fd-encoder"``) starts the error message."""
     from ngdiag.rewards.specs import existing_path, split_reward_spec
 
-    text = str(spec)
-    if Path(text).expanduser().exists():
-        if not Path(text).expanduser().is_dir():
-            raise ConfigError(f"an image encoder file needs its kind and architecture: clip:{text},arch=ViT-B-32")
-        return
-    kind, path, _ = split_reward_spec(text)
-    if path is None:
-        raise ConfigError(f"{text!r} is not an image encoder: use clip:DIR, pickscore:DIR, world:DIR, hpsv2:FILE "
-                          "or a CLIP folder")
-    existing_path(path)
+    try:
+        text = str(spec)
+        path = Path(text).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"an image encoder file needs its kind and architecture: clip:{text},arch=ViT-B-32")
+            if not _is_judge(path):
+                _check_clip_folder(path)
+            return
+        kind, where, _ = split_reward_spec(text)
+        if where is None:
+            raise ConfigError(f"{text!r} is not an image encoder: use clip:DIR, pickscore:DIR, world:DIR, hpsv2:FILE "
+                              "or a CLIP folder")
+        path = existing_path(where)
+        if kind in ("clip", "pickscore") and path.is_dir():
+            _check_clip_folder(path)
+        if kind == "world" and not (_is_judge(path) or _is_judge(path / "judge")):
+            raise ConfigError(f"{path} holds no world judge (config.json of kind ngdiag-world-judge)")
+    except ConfigError as exc:
+        if option is None:
+            raise
+        message = str(exc).replace("unknown reward kind", "unknown encoder kind").replace("reward weights not found",
+                                                                                          "encoder weights not found")
+        raise ConfigError(f"{option}: {message}") from None
 
 
 def _encoder_from_spec(spec, device, dtype) -> ImageEncoder:

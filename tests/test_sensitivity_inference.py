@@ -207,7 +207,7 @@ def test_planted_finetune_first_order_prediction_matches_the_audit_renorm(tiny_b
 
 
 @pytest.mark.parametrize("case", ["not a number", "nan", "minus one", "below minus one", "missing audit", "audit is a file",
-                                  "no summary", "no inflation", "broken json", "both"])
+                                  "no summary", "no inflation", "broken json", "both", "another checkpoint"])
 def test_bad_inflation_or_audit_is_one_line_and_writes_nothing(tiny_bases, tmp_path, case):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -229,6 +229,7 @@ def test_bad_inflation_or_audit_is_one_line_and_writes_nothing(tiny_bases, tmp_p
         "no inflation": (["--audit", no_inflation], "records no inflation value"),
         "broken json": (["--audit", broken], "is not readable JSON"),
         "both": (["--inflation", "0.05", "--audit", _fake_audit(tmp_path / "audit")], "not both"),
+        "another checkpoint": (["--audit", _fake_audit(tmp_path / "other")], "its inflation is another model's"),
     }[case]
     out = tmp_path / "out"
     code, stdout, err = run_cli("sensitivity", tiny_bases["flux"], *BASE_ARGS, *extra, "--out", out)

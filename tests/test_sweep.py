@@ -66,17 +66,24 @@ def test_sweep_returns_the_planted_inflation_in_order_and_marks_the_first_above(
 
 
 def test_find_checkpoints_layouts_and_errors(tmp_path):
+    def checkpoint(path):
+        path.mkdir(parents=True)
+        (path / "adapter_config.json").write_text("{}")  # what detect_format recognises as a PEFT adapter
+
     run = tmp_path / "run"
-    (run / "checkpoint-5").mkdir(parents=True)
-    (run / "checkpoint-12").mkdir()
-    (run / "checkpoint-x").mkdir()
+    checkpoint(run / "checkpoint-5")
+    checkpoint(run / "checkpoint-12")
+    checkpoint(run / "checkpoint-x")
     (run / "checkpoint-7").write_text("not a folder")
-    assert [n for n, _ in find_checkpoints(run)] == [5, 12]
-    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-9").mkdir()  # still being written: skipped
+    skipped = []
+    assert [n for n, _ in find_checkpoints(run, skipped=skipped)] == [5, 12]
+    assert [n for n, _, _ in skipped] == [9]
+    checkpoint(run / "checkpoints" / "checkpoint-5")
     with pytest.raises(ConfigError, match="checkpoint-5 twice"):
         find_checkpoints(run)
-    with pytest.raises(ConfigError, match="no checkpoint-N"):
-        find_checkpoints(tmp_path / "run" / "checkpoint-5")
+    with pytest.raises(ConfigError, match="no complete checkpoint-N"):
+        find_checkpoints(tmp_path / "run" / "checkpoint-9")
     with pytest.raises(ConfigError, match="is not a folder"):
         find_checkpoints(tmp_path / "missing")
 
@@ -99,3 +106,69 @@ def test_sweep_cli_and_refusals(planted_run, tmp_path):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["first_above"] == 20 and summary["threshold"] == pytest.approx(0.02)  # 3 % is the first above 2 %
+
+
+def test_sweep_refuses_another_commands_folder_and_resumes_an_interrupted_sweep(planted_run, tmp_path, monkeypatch):
+    import ngdiag.workflows.audit as audit_module
+    from ngdiag.models.loading import load_checkpoint
+    from ngdiag.workflows.audit import run_audit
+
+    run, base = planted_run
+    # an audit folder is not a sweep folder: refused, the audit left as it was
+    audit_dir = tmp_path / "audit"
+    run_audit(load_checkpoint(run / "checkpoints" / "checkpoint-20", base), _config(), out_dir=audit_dir)
+    before = {p.name: p.read_bytes() for p in audit_dir.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="an ngdiag sweep did not write"):
+        run_sweep(run, _config(), out_dir=audit_dir, base=str(base))
+    assert {p.name: p.read_bytes() for p in audit_dir.iterdir() if p.is_file()} == before
+
+    # killed during its second checkpoint: the rerun reads the first and does the rest
+    calls = []
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_audit(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "run_audit", dies_on_the_second)
+    out = tmp_path / "sweep"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(run, _config(), out_dir=out, base=str(base))
+    monkeypatch.undo()
+    assert json.loads((out / "sweep.json").read_text())["status"] == "running"
+    again = run_sweep(run, _config(), out_dir=out, base=str(base))
+    assert again.reused == [10] and list(again.table["iteration"]) == [10, 20, 30, 40]
+    assert json.loads((out / "sweep.json").read_text())["status"] == "done"
+
+
+def test_an_incomplete_checkpoint_is_skipped_and_the_run_config_gives_the_settings(planted_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run, base = planted_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "checkpoint-50").mkdir()  # a trainer still writing it
+    (copy / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"base": str(base)}, "reward": "brightness", "sampling": {"steps": 2, "guidance": 1.5},
+        "rollouts": {"prompts": ["a red circle", "a blue square"]}}))
+    code, out, err = run_cli("sweep", copy, "--num-samples", 2, "--height", 32, "--width", 32, "--out", tmp_path / "s",
+                             "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [c["iteration"] for c in summary["checkpoints"]] == [10, 20, 30, 40]
+    assert summary["skipped"][0]["iteration"] == 50 and "skipping checkpoint-50" in err
+    assert summary["config"]["sampling"]["num_steps"] == 2 and summary["config"]["sampling"]["guidance_scale"] == 1.5
+    assert summary["config"]["prompts"] == ["a red circle", "a blue square"]  # the run's training prompts
+
+
+def test_fd_encoder_must_be_an_image_encoder(planted_run, tmp_path):
+    run, base = planted_run
+    args = ["sweep", run, "--base", base, "--num-samples", 2, "--steps", 2, "--reward", "brightness", "--quiet"]
+    code, _, err = run_cli(*args, "--fd-encoder", f"clip:{base}", "--out", tmp_path / "a")  # a pipeline, not CLIP
+    assert code == 2 and err.startswith("error: --fd-encoder:") and "not a transformers CLIP folder" in err
+    code, _, err = run_cli(*args, "--fd-encoder", "foo:bar", "--out", tmp_path / "b")
+    assert code == 2 and "--fd-encoder: unknown encoder kind" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -28,7 +28,8 @@ def format_human(summary: dict, max_rows: int = 20) -> str:
         f"base       : {summary['base']}",
         f"groups     : {summary['num_groups']} by {summary['group_by']} ({summary['switch']}), "
         f"{summary['num_samples']} samples",
-        f"total      : log-ratio {_g(total['log_ratio'])} (inflation {100 * total['inflation']:+.2f} %)",
+        f"total      : log-ratio {_g(total['log_ratio'])} (inflation {100 * total['inflation']:+.2f} % "
+        f"[{100 * total['ci_low']:+.2f}, {100 * total['ci_high']:+.2f}] %)",
         f"sums       : leave-one-out {_g(summary['sum_loo_effects'])} (interaction {_g(summary['interaction_loo'])})"
         + (f", single {_g(summary['sum_single_effects'])} (interaction {_g(summary['interaction_single'])})"
            if "sum_single_effects" in summary else ""),

@@ -46,9 +46,13 @@ def format_human(summary: dict) -> str:
     spatial = summary.get("spatial")
     if spatial and spatial.get("top_share") is not None:
         held = spatial.get("held_out_top_share")
-        lines.append(f"spatial    : {spatial['locality']} (top-10 % positions hold {100 * spatial['top_share']:.0f} % of the "
-                     + (f"excess, {100 * held:.0f} % on held-out samples" if held is not None else "excess")
-                     + f"; mean map {spatial['mean_map_min']:.4f} to {spatial['mean_map_max']:.4f})")
+        if held is not None:
+            reading = (f"by the held-out share: the top-10 % positions chosen on half of the samples hold {100 * held:.1f} % "
+                       f"of the other half's excess; {100 * spatial['top_share']:.1f} % in sample")
+        else:
+            reading = f"the top-10 % positions hold {100 * spatial['top_share']:.1f} % of the excess"
+        lines.append(f"spatial    : {spatial['locality']} ({reading}; mean map {spatial['mean_map_min']:.4f} to "
+                     f"{spatial['mean_map_max']:.4f})")
     if "reward" in summary:
         lines.append(f"reward     : {summary['reward'].get('name')}")
         for row in summary["reward"]["rows"]:
@@ -104,7 +108,7 @@ def register(app: typer.Typer) -> None:
         if fd_encoder is not None:
             from ngdiag.quality import check_encoder_spec
 
-            check_encoder_spec(fd_encoder)
+            check_encoder_spec(fd_encoder, option="--fd-encoder")
 
         def make_config(prompts, sampling):
             from ngdiag.workflows.audit import AuditConfig

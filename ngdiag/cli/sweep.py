@@ -48,18 +48,29 @@ def format_human(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _training_prompts(config_file: Path) -> list:
+    """The prompts an ngdiag training run was trained on (its ``config.yaml``)."""
+    from ngdiag.core.configs import read_yaml_mapping
+    from ngdiag.train.config import TrainConfig
+
+    return TrainConfig.from_dict(read_yaml_mapping(config_file, "run config")).rollouts.load_prompts()
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def sweep(
         run_dir: Annotated[Path, typer.Argument(help="Training run folder with checkpoint-N folders (or checkpoints/checkpoint-N).")],
         base: Annotated[Optional[str], typer.Option(help="Base pipeline folder [default: the run's config.yaml, or what the adapters record].")] = None,
-        prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line (held-out prompts) [default: 8 built-in prompts].")] = None,
+        prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line (held-out prompts) [default: the run's training prompts (its config.yaml), else 8 built-in prompts].")] = None,
         prompt: Annotated[Optional[List[str]], typer.Option("--prompt", metavar="<str>", help="A prompt (repeatable).")] = None,
         num_samples: Annotated[Optional[int], typer.Option(help="Samples per checkpoint [default: one per prompt].")] = None,
         steps: Steps = None,
         guidance_scale: Guidance = None,
         height: Height = None,
         width: Width = None,
+        sampling_from: Annotated[Optional[Path], typer.Option(
+            help="Take the sampling settings not given here from this training config (ngdiag config.yaml or a "
+                 "Flow-Factory YAML) [default: RUN_DIR/config.yaml when there is one].")] = None,
         seed: Annotated[int, typer.Option(help="Sample i uses seed + i (0 <= seed, seed + samples - 1 < 2**63).")] = 0,
         batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 4,
         reward: Annotated[Optional[str], typer.Option(help=f"Reward spec (reward and quality against the base): {reward_kinds_help()}.")] = None,
@@ -86,7 +97,12 @@ def register(app: typer.Typer) -> None:
         check_device(device)
         check_dtype(dtype)
         notes: list = []
-        prompts = read_prompts(prompts_file, prompt, notes)
+        run_config = Path(run_dir) / "config.yaml"
+        if prompts_file is None and not prompt and run_config.is_file():
+            prompts = _training_prompts(run_config)
+            notes.append(f"prompts: the run's {len(prompts)} training prompts ({run_config}); pass --prompts for held-out ones")
+        else:
+            prompts = read_prompts(prompts_file, prompt, notes)
         if reward is not None:
             from ngdiag.rewards.specs import parse_reward_spec
 
@@ -94,21 +110,25 @@ def register(app: typer.Typer) -> None:
         if fd_encoder is not None:
             from ngdiag.quality import check_encoder_spec
 
-            check_encoder_spec(fd_encoder)
+            check_encoder_spec(fd_encoder, option="--fd-encoder")
         if threshold <= -100:
             from ngdiag.core.errors import ConfigError
 
             raise ConfigError(f"--threshold must lie above -100 %, got {threshold:g}")
-        checkpoints = find_checkpoints(run_dir)
+        skipped: list = []
+        checkpoints = find_checkpoints(run_dir, skipped=skipped)
+        notes += [f"skipping checkpoint-{n}: {why} (a checkpoint still being written?)" for n, _, why in skipped]
+        check_sweep_output(out, [("run", Path(run_dir).resolve()), *([("base", base)] if base else [])])
         given = sampling_options(steps, guidance_scale, height, width, None, None, None)
-        sampling = sampling_config(str(checkpoints[-1][1]), given, None, notes)
+        if sampling_from is None and run_config.is_file():
+            sampling_from = run_config  # also for checkpoints one level down (RUN/checkpoints/checkpoint-N)
+        sampling = sampling_config(str(checkpoints[-1][1]), given, sampling_from, notes)
         config = AuditConfig(prompts=prompts, num_samples=num_samples or len(prompts), sampling=sampling, seed=seed,
                              batch_size=batch_size, reward=reward, confidence=confidence, fd_encoder=fd_encoder)
-        check_sweep_output(out, [("run", Path(run_dir).resolve()), *([("base", base)] if base else [])])
         notes.append(f"sweep: {len(checkpoints)} checkpoints ({', '.join(f'checkpoint-{n}' for n, _ in checkpoints)}), "
                      f"{config.num_samples} samples each; {describe_sampling(sampling)}")
         print_notes(notes, quiet)
-        say = None if quiet else (lambda message: typer.echo(f"sweep: audit of {message}", err=True))
+        say = None if quiet else (lambda message: typer.echo(f"sweep: {message}", err=True))
         result = run_sweep(run_dir, config, out_dir=out, base=base, threshold=threshold / 100,
                            device=resolve_device(device), dtype=torch_dtype(dtype), overwrite=overwrite, progress=say)
         if result.reused and not quiet:

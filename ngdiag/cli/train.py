@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
         if fd_encoder is not None:
             from ngdiag.quality import check_encoder_spec
 
-            check_encoder_spec(fd_encoder)
+            check_encoder_spec(fd_encoder, option="--fd-encoder")
         notes: list = []
         held_out = read_prompts(prompts_file, prompt, notes) if (prompts_file is not None or prompt) else None
         from ngdiag.workflows.compare import check_compare_output, compare_runs, load_runs, run_inputs

@@ -779,11 +779,16 @@ def setting_grid(frame: pd.DataFrame, rows: str, columns: str, *, values: Sequen
                 grid[row_keys.index(rec[rows]), col_keys.index(rec[columns])] = float(rec[value])
             shown = 100 * grid if value == "inflation" else grid
             limit = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
-            image = ax.imshow(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")  # no run in that cell: grey, not 0
+            image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
             for i in range(len(row_keys)):
                 for j in range(len(col_keys)):
                     if np.isfinite(shown[i, j]):
-                        ax.text(j, i, f"{shown[i, j]:+.2f}", ha="center", va="center", fontsize=9)
+                        dark = abs(shown[i, j]) > 0.6 * limit
+                        ax.text(j, i, f"{shown[i, j]:+.2f}", ha="center", va="center", fontsize=9,
+                                color="white" if dark else "black")
+                    else:
+                        ax.text(j, i, "no run", ha="center", va="center", fontsize=8, color=NEUTRAL_COLOR)
             ax.set_xticks(range(len(col_keys)), [str(c) for c in col_keys])
             ax.set_yticks(range(len(row_keys)), [str(r) for r in row_keys])
             ax.set_xlabel(columns)

@@ -163,8 +163,11 @@ class AttributionResult:
             "switch": self.kind,
             "num_groups": len(self.table),
             "num_samples": int(len(self.total)),
-            "total": {"log_ratio": total, "inflation": float(np.exp(total) - 1.0), "ci_low": self.total_interval[0],
-                      "ci_high": self.total_interval[1], "method": self.total_interval[2]},
+            # the interval of the inflation (a fraction, as the audit's), and of the mean log-ratio it comes from
+            "total": {"log_ratio": total, "inflation": float(np.expm1(total)),
+                      "ci_low": float(np.expm1(self.total_interval[0])), "ci_high": float(np.expm1(self.total_interval[1])),
+                      "log_ratio_ci_low": float(self.total_interval[0]), "log_ratio_ci_high": float(self.total_interval[1]),
+                      "method": self.total_interval[2]},
             "sum_loo_effects": float(self.table["loo_effect"].sum()),
             "interaction_loo": total - float(self.table["loo_effect"].sum()),
             "groups": rows,

@@ -328,7 +328,7 @@ class CompareResult:
         ]
         return {
             "title": "ngdiag compare: " + " vs ".join(r.name for r in self.runs),
-            "runs": [{"name": r.display, "metrics": r.metrics} for r in self.runs],
+            "runs": _one_curve_per_log(self.runs),
             "table": table,
             "paired": paired,
             "layout": layout,
@@ -367,6 +367,14 @@ class CompareResult:
     def inputs(self) -> list:
         """``(label, path)`` of the folders the comparison reads (runs and base)."""
         return run_inputs(self.runs)
+
+
+def _one_curve_per_log(runs: Sequence[RunInfo]) -> list:
+    """One training curve per run folder: checkpoints of one run share its metrics log (their labels joined)."""
+    by_path: Dict[str, list] = {}
+    for r in runs:
+        by_path.setdefault(str(r.path), []).append(r)
+    return [{"name": " / ".join(r.display for r in group), "metrics": group[0].metrics} for group in by_path.values()]
 
 
 def _paired_row(rec: dict, names: dict) -> dict:

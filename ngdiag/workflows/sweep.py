@@ -38,12 +38,17 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _LAYOUTS = ("", "checkpoints")  # RUN/checkpoint-N (ngdiag, Flow-Factory), RUN/checkpoints/checkpoint-N (flow_grpo)
 
 
-def find_checkpoints(run_dir) -> list:
-    """``[(N, path)]`` of the ``checkpoint-N`` folders of a training run, in order of ``N``.
+def find_checkpoints(run_dir, *, skipped: Optional[list] = None) -> list:
+    """``[(N, path)]`` of the complete ``checkpoint-N`` folders of a training run, in order of ``N``.
 
-    Looks in ``run_dir`` and ``run_dir/checkpoints``. Raises :class:`ConfigError` when ``run_dir`` is
-    not a folder, holds no checkpoint, or holds the same ``N`` in both places.
+    Looks in ``run_dir`` and ``run_dir/checkpoints``. A ``checkpoint-N`` folder in which no checkpoint
+    format is found (one still being written by a running trainer, or an empty one) is left out and,
+    when ``skipped`` is a list, appended to it as ``(N, path, reason)``. Raises :class:`ConfigError` when
+    ``run_dir`` is not a folder, holds no complete checkpoint, or holds the same ``N`` in both places.
     """
+    from ngdiag.core.errors import CheckpointError
+    from ngdiag.models.loading import detect_format
+
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder (a training run folder with checkpoint-N folders)")
@@ -59,9 +64,15 @@ def find_checkpoints(run_dir) -> list:
             n = int(m.group(1))
             if n in found:
                 raise ConfigError(f"{run} holds checkpoint-{n} twice ({found[n]} and {path}); sweep one layout at a time")
+            try:
+                detect_format(path)
+            except CheckpointError as exc:
+                if skipped is not None:
+                    skipped.append((n, path, str(exc).split(":", 1)[0]))
+                continue
             found[n] = path
     if not found:
-        raise ConfigError(f"{run} holds no checkpoint-N folder (looked in {run} and {run / 'checkpoints'})")
+        raise ConfigError(f"{run} holds no complete checkpoint-N folder (looked in {run} and {run / 'checkpoints'})")
     return sorted(found.items())
 
 
@@ -93,6 +104,8 @@ class SweepResult:
         threshold: the inflation threshold (fraction); first_above: the iteration of the first checkpoint
             whose interval lies above it, or ``None``.
         audits: ``{iteration: AuditResult}``; config: the audit config shared by every checkpoint.
+        reused: the iterations whose finished audit was read instead of redone.
+        skipped: ``(iteration, path, reason)`` of incomplete ``checkpoint-N`` folders left out.
     """
 
     run: Path
@@ -104,6 +117,7 @@ class SweepResult:
     config: object
     audits: dict = field(default_factory=dict)
     reused: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
         return self.table.copy()
@@ -123,6 +137,7 @@ class SweepResult:
             "reward": self.config.reward,
             "config": self.config.to_dict(),
             "checkpoints": _records(self.table),
+            "skipped": [{"iteration": n, "path": p, "reason": why} for n, p, why in self.skipped],
             "versions": versions(),
         }
 
@@ -147,9 +162,21 @@ def _records(frame: pd.DataFrame) -> list:
     return [json_safe(row) for row in frame.to_dict(orient="records")]
 
 
+#: The files a sweep writes at its top level (besides ngdiag's manifest and lock); sweep.json is written first.
+SWEEP_FILES = ("sweep.json", "sweep.csv", "steps.csv", "report.html", "summary.json")
+
+
+def _is_sweep(out: Path) -> bool:
+    try:
+        return json.loads((out / "sweep.json").read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_sweep_output(out, inputs) -> Path:
-    """The sweep folder may be new, empty, or an earlier sweep's (resumed); nothing else. Writes nothing."""
-    from ngdiag.runs import MANIFEST_FILE, check_not_input
+    """The sweep folder may be new, empty, or an earlier sweep's (finished or interrupted: it is resumed);
+    a folder holding anything else (another command's output, your files) is refused. Writes nothing."""
+    from ngdiag.runs import LOCK_FILE, MANIFEST_FILE, check_not_input
 
     out = Path(out)
     if out.is_symlink():
@@ -157,9 +184,14 @@ def check_sweep_output(out, inputs) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"sweep folder {out} exists and is not a folder")
     check_not_input(out, list(inputs), what="sweep folder")
-    if out.is_dir() and any(c.name not in (MANIFEST_FILE, ".ngdiag.lock") for c in out.iterdir()):
-        if not (out / MANIFEST_FILE).is_file() or (out / MANIFEST_FILE).is_symlink():
-            raise ConfigError(f"sweep folder {out} already holds files ngdiag did not write; choose another folder")
+    entries = sorted(c.name for c in out.iterdir() if c.name not in (MANIFEST_FILE, LOCK_FILE)) if out.is_dir() else []
+    if entries:
+        owned = (out / MANIFEST_FILE).is_file() and not (out / MANIFEST_FILE).is_symlink()
+        foreign = [e for e in entries if e not in SWEEP_FILES and not _CHECKPOINT.match(e)]
+        if not (owned and _is_sweep(out)) or foreign:
+            shown = ", ".join((foreign or entries)[:3])
+            raise ConfigError(f"sweep folder {out} holds files an ngdiag sweep did not write ({shown}); "
+                              "choose another folder")
     return out
 
 
@@ -209,7 +241,8 @@ def run_sweep(
     if config.trajectory != "theta":
         raise ConfigError("a sweep audits on theta's trajectory")
     run = Path(run_dir).resolve()
-    checkpoints = find_checkpoints(run)
+    skipped: list = []
+    checkpoints = find_checkpoints(run, skipped=skipped)
     if base is None:
         base = _base_of_run(run)
     inputs = [("run", run), *([("base", base)] if base is not None else [])]
@@ -220,17 +253,23 @@ def run_sweep(
 
     audits, reused = {}, []
     with lock_output(out, inputs=inputs, what="sweep folder") as folder:
+        check_sweep_output(out, inputs)  # again under the lock
+        marker = {"kind": KIND, "run": str(run), "base": None if base is None else str(base), "status": "running"}
+        folder.write_text("sweep.json", json.dumps(marker, indent=2))  # first: an interrupted sweep is resumable
         for index, (n, path) in enumerate(checkpoints):
-            if progress is not None:
-                progress(f"checkpoint-{n} ({index + 1} of {len(checkpoints)})")
             ckpt = load_checkpoint(path, base, device=device, **load_kwargs)
             ckpt.require_ref()
             cfg = dataclasses.replace(config, sample_base=(index == 0) or config.reward is None).resolved(ckpt)
             sub = folder.path / f"checkpoint-{n}"
             result = None if overwrite else load_finished(AuditWorkflow(cfg, ckpt.describe()), sub)
+            where = f"checkpoint-{n} ({index + 1} of {len(checkpoints)})"
             if result is None:
+                if progress is not None:
+                    progress(f"audit of {where}")
                 result = run_audit(ckpt, cfg, out_dir=sub, overwrite=overwrite)
             else:
+                if progress is not None:
+                    progress(f"read the finished audit of {where}")
                 reused.append(n)
             audits[n] = result
             if base is None:
@@ -241,8 +280,10 @@ def run_sweep(
         above = table.loc[table["above_threshold"], "iteration"]
         result = SweepResult(run=run, base=None if base is None else str(base), table=table, per_step=per_step,
                              threshold=threshold, first_above=int(above.iloc[0]) if len(above) else None,
-                             config=first_cfg, audits=audits, reused=reused)
+                             config=first_cfg, audits=audits, reused=reused,
+                             skipped=[(n, str(p), why) for n, p, why in skipped])
         result.save(folder)
+        folder.write_text("sweep.json", json.dumps({**marker, "base": result.base, "status": "done"}, indent=2))
     return result
 
 
