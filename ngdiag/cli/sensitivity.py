@@ -32,8 +32,8 @@ def _first_order_lines(block: dict, confidence) -> list:
     measured = block.get("measured_renorm_reward_change")
     if measured:
         n = measured.get("num_samples")
-        lines.append(f"measured   : {_g(measured['mean'])} ± {_g(measured.get('std'), '.4g')} (std over "
-                     f"{n if n else '?'} samples) rl+renorm minus rl in {block['audit']}")
+        lines.append(f"measured   : {_g(measured['mean'])} ± {_g(measured.get('stderr'), '.4g')} (standard error; std "
+                     f"{_g(measured.get('std'), '.4g')} over {n if n else '?'} samples) rl+renorm minus rl in {block['audit']}")
         if block.get("same_reward") is False:
             lines.append(f"             (the audit's reward is {block.get('audit_reward')}, not this run's)")
     elif block.get("audit"):

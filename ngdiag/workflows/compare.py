@@ -321,7 +321,9 @@ class CompareResult:
             "the base is the reference (0 % by definition).",
             f"Paired differences against {names.get(self.baseline, self.baseline)}: per sample (same prompt and "
             f"seed), means with {level} percentile bootstrap intervals"
-            + (" over prompts (samples share prompts)." if self.num_samples > len(self.prompts) else " over samples."),
+            + (" over prompts (samples share prompts)." if self.num_samples > len(self.prompts) else " over samples.")
+            + " Against the base the paired norm ratio is the inflation itself; its interval there is a percentile "
+              "one, the summary table's is the audit's (BCa over samples), so their bounds can differ slightly.",
             "Training curves: inflation at the training points of each iteration (conditional velocity, "
             "forward-process states built from the rollouts), from each run's metrics log.",
             f"Ratio curves: the compared checkpoints at {first} steps.",
