@@ -33,6 +33,10 @@ Measures (``--measure``, default all):
   once) / the same audits run one by one (each sampling the base); and ``compare_runs`` of the two
   world runs / their audits run one by one.
 
+- ``removed``: the work removed while writing docs/performance.md, before / after in one run: the
+  audit with the reference finding its adapter layers at every call (as before) / once; the
+  sensitivity with diffusers' gradient checkpointing (the old default) / without.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_costs.py --out bench_costs.json
@@ -56,7 +60,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-MEASURES = ("audit", "probe", "sensitivity", "memory", "normguard", "sweep")
+MEASURES = ("audit", "probe", "sensitivity", "memory", "normguard", "sweep", "removed")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -412,6 +416,64 @@ def measure_sweep(world: World, args) -> dict:
     return {"checkpoints": len(checkpoints), "samples": n, "steps": steps, "sweep": sweep_timing, "compare": compare_timing}
 
 
+# ----------------------------------------------------------------------------- removed work, before / after
+def measure_removed(world: World, args) -> dict:
+    from ngdiag.models.pair import AdapterDisabled
+    from ngdiag.sensitivity import norm_sensitivity
+    from ngdiag.workflows.audit import AuditConfig, run_audit
+    from ngdiag.workflows.sensitivity import _gradient_checkpointing
+
+    class EveryCall(AdapterDisabled):  # the reference as it was: its adapter layers found at every call
+        def forward(self, x, t, **cond):
+            self._layers = None
+            return super().forward(x, t, **cond)
+
+    ckpt = world.checkpoint(32)
+    cached, every_call = ckpt.ref, EveryCall(ckpt.theta)
+    batch, steps = 2, 28
+    prompts = world.prompts[:batch]
+    cfg = AuditConfig(prompts=prompts, num_samples=batch, batch_size=batch, grid_size=0,
+                      sampling=sampling_config(steps, 32))
+    pipe = ckpt.pipeline
+
+    def pipeline():
+        with torch.no_grad():
+            pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(batch)], output_type="latent",
+                 **call_kwargs(steps, 32))
+
+    def audit(ref):
+        def run():
+            ckpt.ref = ref
+            try:
+                return run_audit(ckpt, cfg, report=False)
+            finally:
+                ckpt.ref = cached
+        return run
+
+    same = bool(torch.equal(audit(every_call)().record.ratio, audit(cached)().record.ratio))
+    adapter = interleaved({"pipeline": pipeline, "audit, layers found at every call (before)": audit(every_call),
+                           "audit, layers found once (after)": audit(cached)}, args.repeats)
+    adapter["records_identical"] = same
+    _say(f"removed, adapter layers: {_fmt(adapter)}")
+
+    ckpt, prepared, velocity, reward, modules = _sensitivity_setup(world, steps, batch, 32)
+    from ngdiag.core.sampling import sample
+
+    def sens(gc):
+        def run():
+            with _gradient_checkpointing(modules, gc):
+                return norm_sensitivity(velocity, prepared.x_init, prepared.sigmas, reward)
+        return run
+
+    a, b = sens(True)(), sens(False)()
+    gc = interleaved({"sample": lambda: sample(velocity, prepared.x_init, prepared.sigmas),
+                      "sensitivity, gradient checkpointing (before)": sens(True),
+                      "sensitivity, no gradient checkpointing (after)": sens(False)}, max(3, args.repeats // 2))
+    gc["S_identical"] = bool(torch.equal(a.S, b.S))
+    _say(f"removed, gradient checkpointing: {_fmt(gc)}")
+    return {"adapter_layers": adapter, "gradient_checkpointing": gc}
+
+
 # ----------------------------------------------------------------------------- driver
 def _fmt(timing: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in timing["ratio"].items())
@@ -440,7 +502,8 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
     }
     fns = {"audit": measure_audit, "probe": measure_probe, "sensitivity": measure_sensitivity, "memory": measure_memory,
-           "normguard": measure_normguard, "sweep": measure_sweep}
+           "normguard": measure_normguard, "sweep": measure_sweep,
+           "removed": measure_removed}
     for name in measures:
         start = time.perf_counter()
         result[name] = fns[name](world, args)

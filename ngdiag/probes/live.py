@@ -62,6 +62,7 @@ class LiveProbe:
         self._intervene = None
         self._offset = 0
         self._batch = None
+        self._layers = None
 
     # ----- transformer hook -----
     def _after_forward(self, module, args, kwargs, output):
@@ -71,7 +72,9 @@ class LiveProbe:
         try:
             with torch.no_grad():
                 if self.ref is None:
-                    with adapters_disabled(module):
+                    if self._layers is None:  # found once per probe, not at every transformer call
+                        self._layers = adapter_layers(module)
+                    with adapters_disabled(module, self._layers):
                         ref_out = module(*args, **kwargs)
                 else:
                     ref_out = self.ref(*args, **kwargs)
