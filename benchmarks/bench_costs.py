@@ -39,8 +39,8 @@ Measures (``--measure``, default all):
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_costs.py --out bench_costs.json
-    OMP_NUM_THREADS=1 python benchmarks/bench_costs.py --measure audit probe --repeats 5 --out a.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_costs.py --out bench_costs.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_costs.py --measure audit probe --repeats 5 --out a.json
 """
 
 from __future__ import annotations
@@ -108,19 +108,27 @@ class World:
         if self._wide is None:
             from diffusers import SD3Transformer2DModel
 
-            from ngdiag.models.loading import load_pipeline
-            from ngdiag.testing import save_lora_adapter
+            from peft import LoraConfig, get_peft_model
 
-            pipe = load_pipeline(self.base)
-            config = dict(pipe.transformer.config)
+            from ngdiag.testing import fill_lora_weights
+
+            import shutil
+
+            config = SD3Transformer2DModel.load_config(self.base / "transformer")
             config = {k: v for k, v in config.items() if not k.startswith("_")}
             config.update(pos_embed_max_size=32, sample_size=64)
-            torch.manual_seed(0)
-            pipe.transformer = SD3Transformer2DModel(**config)
             folder = self._scratch / "wide-base"
-            pipe.save_pretrained(folder)
-            (folder / "ngdiag_defaults.json").write_text((self.base / "ngdiag_defaults.json").read_text())
-            lora = save_lora_adapter(folder, self._scratch / "wide-lora", rank=8, alpha=16)
+            shutil.copytree(self.base, folder)
+            shutil.rmtree(folder / "transformer")
+            torch.manual_seed(0)
+            transformer = SD3Transformer2DModel(**config)
+            transformer.save_pretrained(folder / "transformer")
+            # a random LoRA as ngdiag.testing.save_lora_adapter writes one (which needs a full SD3 folder)
+            peft_model = get_peft_model(transformer, LoraConfig(r=8, lora_alpha=16,
+                                                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            fill_lora_weights(peft_model, seed=0, init_scale=0.05)
+            lora = self._scratch / "wide-lora"
+            peft_model.save_pretrained(lora)
             self._wide = (folder, lora)
         return self._wide
 
@@ -494,7 +502,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     scratch = Path(tempfile.mkdtemp(prefix="ngdiag-bench-"))
     world = World(scratch)
+    import ngdiag
+
     result = {
+        "ngdiag": str(Path(ngdiag.__file__).parent),  # the checkout measured (PYTHONPATH, or the installed one)
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",

@@ -10,11 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_smoke_runs_every_measure(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # this checkout's ngdiag, whichever one the environment has installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "run.py"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert Path(result["ngdiag"]) == ROOT / "ngdiag"
     assert result["smoke"] and [m["model"] for m in result["models"]] == ["sd35-medium", "flux1-dev", "flux2-klein-4b"]
     for row in result["models"]:
         assert row["skipped"] == {}, row["skipped"]

@@ -29,8 +29,8 @@ families, 64x64 images, 3 steps and one repetition (tests/test_benchmarks_smoke.
 
 Usage::
 
-    python benchmarks/gpu/run.py --out results/
-    python benchmarks/gpu/run.py --smoke --out /tmp/smoke
+    PYTHONPATH=. python benchmarks/gpu/run.py --out results/
+    PYTHONPATH=. python benchmarks/gpu/run.py --smoke --out /tmp/smoke
 """
 
 from __future__ import annotations
@@ -421,7 +421,10 @@ def main(argv=None) -> dict:
         ap.error("no CUDA device: run with --smoke on a machine without a GPU")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
     specs = SMOKE_MODELS if smoke else MODELS
+    import ngdiag
+
     result = {
+        "ngdiag": str(Path(ngdiag.__file__).parent),
         "smoke": smoke,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
