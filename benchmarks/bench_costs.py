@@ -195,8 +195,6 @@ def measure_audit(world: World, args) -> list:
             "paired sample + records": paired,
         }
         timing = interleaved(arms, args.repeats)
-        timing["ratio"]["paired sample + records / sample theta"] = (
-            timing["median_s"]["paired sample + records"] / timing["median_s"]["sample theta"])
         rows.append({"steps": steps, "batch": batch, "resolution": res, **timing})
         _say(f"audit steps={steps} batch={batch} {res}x{res}: {_fmt(timing)}")
     return rows
@@ -426,6 +424,7 @@ def measure_sweep(world: World, args) -> dict:
 
 # ----------------------------------------------------------------------------- removed work, before / after
 def measure_removed(world: World, args) -> dict:
+    from ngdiag.models.generation import prepare_batch
     from ngdiag.models.pair import AdapterDisabled
     from ngdiag.sensitivity import norm_sensitivity
     from ngdiag.workflows.audit import AuditConfig, run_audit
@@ -458,6 +457,20 @@ def measure_removed(world: World, args) -> dict:
                 ckpt.ref = cached
         return run
 
+    # the reference's call alone, many times: a difference of a few percent of an audit is below the noise there
+    prepared = prepare_batch(ckpt, prompts, list(range(batch)), cfg.sampling, sample_ids=list(range(batch)))
+    t = prepared.sigmas[:1].expand(batch).to(prepared.x_init)
+
+    def ref_call(ref):
+        def run():
+            with torch.no_grad():
+                for _ in range(20):
+                    ref(prepared.x_init, t, **prepared.conditioning.cond)
+        return run
+
+    call = interleaved({"reference call, layers found at every call (before)": ref_call(every_call),
+                        "reference call, layers found once (after)": ref_call(cached)}, 4 * args.repeats)
+    _say(f"removed, reference call alone: {_fmt(call)}")
     same = bool(torch.equal(audit(every_call)().record.ratio, audit(cached)().record.ratio))
     adapter = interleaved({"pipeline": pipeline, "audit, layers found at every call (before)": audit(every_call),
                            "audit, layers found once (after)": audit(cached)}, args.repeats)
@@ -479,7 +492,64 @@ def measure_removed(world: World, args) -> dict:
                       "sensitivity, no gradient checkpointing (after)": sens(False)}, max(3, args.repeats // 2))
     gc["S_identical"] = bool(torch.equal(a.S, b.S))
     _say(f"removed, gradient checkpointing: {_fmt(gc)}")
-    return {"adapter_layers": adapter, "gradient_checkpointing": gc}
+    return {"adapter_layers": adapter, "adapter_layers_reference_call": call, "gradient_checkpointing": gc}
+
+
+# ----------------------------------------------------------------------------- tables for docs/performance.md
+def tables(result: dict) -> str:
+    """The markdown tables of docs/performance.md from a result JSON (``--tables FILE``)."""
+    out = []
+
+    def setting(r):
+        return f"| {r['steps']} | {r['batch']} | {r['resolution']}x{r['resolution']} "
+
+    if "audit" in result:
+        out += ["| steps | batch | image | audit / pipeline | paired sampling / sampling theta | sampling theta / pipeline |",
+                "|---|---|---|---|---|---|"]
+        for r in result["audit"]:
+            q = r["ratio"]
+            paired = q["paired sample + records / pipeline"] / q["sample theta / pipeline"]  # both per-round medians
+            out.append(setting(r) + f"| {q['audit / pipeline']:.3f} | {paired:.3f} "
+                       f"| {q['sample theta / pipeline']:.3f} |")
+        out.append("")
+    if "probe" in result:
+        out += ["| steps | batch | image | probe (LoRA off as ref) / pipeline | probe (free ref) / pipeline |", "|---|---|---|---|---|"]
+        for r in result["probe"]:
+            q = r["ratio"]
+            out.append(setting(r) + f"| {q['probe (LoRA off as ref) / pipeline']:.3f} | {q['probe (free ref) / pipeline']:.3f} |")
+        out.append("")
+    if "sensitivity" in result:
+        names = [n for n in result["sensitivity"][0]["median_s"] if n != "sample"]
+        out += ["| steps | batch | image | " + " | ".join(f"{n} / sample" for n in names) + " |",
+                "|---|---|---|" + "---|" * len(names)]
+        for r in result["sensitivity"]:
+            out.append(setting(r) + "| " + " | ".join(
+                f"{r['ratio'][f'{n} / sample']:.2f}" if f"{n} / sample" in r["ratio"] else "" for n in names) + " |")
+        out.append("")
+    if "memory" in result:
+        out += ["| what | steps | peak RSS above a 2-step warm-up (MiB) | peak autograd-saved (MiB) |", "|---|---|---|---|"]
+        for r in result["memory"]:
+            saved = "" if r["peak_saved_bytes"] is None else f"{r['peak_saved_bytes'] / 2**20:.1f}"
+            out.append(f"| {r['what']} | {r['steps']} | {r['peak_rss_increase_bytes'] / 2**20:.1f} | {saved} |")
+        out.append("")
+    if "normguard" in result:
+        n = result["normguard"]
+        lo, hi = n["ratio_of_medians_ci95"]
+        out += [f"NormGuard step / step: {n['ratio_of_medians']:.3f} (95 % interval {lo:.3f} - {hi:.3f}); median paired "
+                f"ratio {n['median_paired_ratio']:.3f}; the penalty alone {n['median_penalty_fwd_bwd_ms']:.2f} ms = "
+                f"{100 * n['penalty_fwd_bwd_share_of_step']:.1f} % of a {n['median_step_ms_base']:.1f} ms step.", ""]
+    if "sweep" in result:
+        w = result["sweep"]
+        for key in ("sweep", "compare"):
+            for name, value in w[key]["ratio"].items():
+                out.append(f"{name}: {value:.3f} (medians {', '.join(f'{k} {v:.2f} s' for k, v in w[key]['median_s'].items())})")
+        out.append("")
+    if "removed" in result:
+        for key, block in result["removed"].items():
+            flags = {k: v for k, v in block.items() if k.endswith("identical")}
+            out.append(f"{key}: " + "; ".join(f"{k} {v:.3f}" for k, v in block["ratio"].items()) + f"; {flags}")
+        out.append("")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -497,7 +567,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per setting")
     ap.add_argument("--quick", action="store_true", help="fewer settings (no larger resolutions)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here (also printed)")
+    ap.add_argument("--tables", type=Path, default=None, help="print the markdown tables of a result JSON and exit")
     args = ap.parse_args(argv)
+    if args.tables is not None:
+        print(tables(json.loads(args.tables.read_text())))
+        return {}
     measures = MEASURES if "all" in args.measure else tuple(args.measure)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     scratch = Path(tempfile.mkdtemp(prefix="ngdiag-bench-"))
