@@ -311,6 +311,25 @@ def test_fused_lora_pair_matches_two_passes(tiny_bases, tmp_path):
     torch.testing.assert_close(fused.cos, separate.cos, rtol=0, atol=1e-6)
 
 
+def test_fused_lora_pair_is_off_by_default(tiny_bases, tmp_path, monkeypatch):
+    """fuse_lora=None (the default) runs two passes on every device until a GPU measurement says
+    otherwise (docs/performance.md); None is still the stored value, so fingerprints are unchanged."""
+    import ngdiag.workflows.audit as audit_module
+
+    lora = save_lora_adapter(tiny_bases["sd3"], tmp_path / "lora", rank=4, alpha=8.0)
+    ckpt = load_checkpoint(lora, tiny_bases["sd3"])
+    cfg = AuditConfig(prompts=PROMPTS[:2], sampling=SamplingConfig(num_steps=2))
+    assert cfg.fuse_lora is None and cfg.to_dict()["fuse_lora"] is None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused pair ran without fuse_lora=True")
+
+    monkeypatch.setattr(audit_module, "FusedLoraPair", refuse)
+    assert run_audit(ckpt, cfg).record.num_steps == 2
+    with pytest.raises(AssertionError, match="without fuse_lora=True"):
+        run_audit(ckpt, AuditConfig(prompts=PROMPTS[:2], sampling=SamplingConfig(num_steps=2), fuse_lora=True))
+
+
 def test_torchrun_two_processes_equal_single_run(planted, tiny_bases, tmp_path):
     ckpt, base = planted[("flux", 1.08)], tiny_bases["flux"]
     common = ["audit", str(ckpt), "--base", str(base), "--num-samples", "6", "--steps", "3", "--batch-size", "2",

@@ -150,3 +150,17 @@ def test_nan_checkpoint_names_the_step(tiny_bases, tmp_path):
     code, _, err = run_cli("sensitivity", tmp_path / "inf", "--base", tiny_bases["sd3"], "--reward", "saturation",
                            "--prompt", "a cat", "--prompt", "a dog", "--steps", 2, "--quiet", "--out", tmp_path / "o")
     assert code == 2 and "step 0" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2-klein"])
+def test_gradient_checkpointing_changes_nothing_but_cost(tiny_bases, family):
+    """Off by default (docs/performance.md): the same S and rewards bit for bit with it on, and the same
+    fingerprint, so a run started with either value resumes with the other."""
+    ckpt = load_checkpoint(tiny_bases[family])
+    cfg = SensitivityConfig(prompts=PROMPTS, reward="contrast", sampling=SamplingConfig(num_steps=3, guidance_scale=3.0))
+    assert cfg.gradient_checkpointing is False
+    on = SensitivityConfig(**{**cfg.to_dict(), "sampling": cfg.sampling, "gradient_checkpointing": True})
+    assert cfg.fingerprint({"path": "x"}) == on.fingerprint({"path": "x"})
+    a, b = run_sensitivity(ckpt, cfg).result, run_sensitivity(ckpt, on).result
+    assert torch.equal(a.S, b.S) and torch.equal(a.reward, b.reward)
+    assert not any(getattr(m, "is_gradient_checkpointing", False) for m in (ckpt.pipeline.transformer, ckpt.pipeline.vae))

@@ -52,11 +52,14 @@ def adapter_layers(module: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def adapters_disabled(module: torch.nn.Module):
+def adapters_disabled(module: torch.nn.Module, layers: Optional[list] = None):
     """Switch every adapter in ``module`` off inside the block: LoRA layers run their base layer and
     ``modules_to_save`` wrappers their original module. State and ``requires_grad`` flags are restored
-    in ``finally`` (peft's own switch turns gradients of the adapter weights on when re-enabling)."""
-    with layers_disabled(adapter_layers(module)):
+    in ``finally`` (peft's own switch turns gradients of the adapter weights on when re-enabling).
+
+    ``layers``: ``adapter_layers(module)`` when the caller already has it (a walk over every submodule,
+    which callers that switch at every step do once)."""
+    with layers_disabled(adapter_layers(module) if layers is None else layers):
         yield
 
 
@@ -126,14 +129,22 @@ def mixed_adapter_batch(module: torch.nn.Module, pattern: list):
 
 
 class AdapterDisabled(torch.nn.Module):
-    """The reference of a LoRA pair: the same velocity model, evaluated with its adapters off."""
+    """The reference of a LoRA pair: the same velocity model, evaluated with its adapters off.
+
+    The adapter layers are found on the first call and kept (finding them walks every submodule,
+    about 3 % of an audit of the world's base when done at every step: docs/performance.md); an
+    adapter added to the model later is not switched off.
+    """
 
     def __init__(self, velocity: torch.nn.Module):
         super().__init__()
         self.velocity = velocity
+        self._layers: Optional[list] = None
 
     def forward(self, x, t, **cond):
-        with adapters_disabled(self.velocity):
+        if self._layers is None:
+            self._layers = adapter_layers(self.velocity)
+        with adapters_disabled(self.velocity, self._layers):
             return self.velocity(x, t, **cond)
 
 

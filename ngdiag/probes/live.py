@@ -75,6 +75,7 @@ class LiveProbe:
             self._family = adapter_for(pipe)
         except CheckpointError:  # a pipeline of another family: norms only, no spatial maps
             self._family = None
+        self._layers = None
 
     # ----- transformer hook -----
     def _after_forward(self, module, args, kwargs, output):
@@ -84,7 +85,9 @@ class LiveProbe:
         try:
             with torch.no_grad():
                 if self.ref is None:
-                    with adapters_disabled(module):
+                    if self._layers is None:  # found once per probe, not at every transformer call
+                        self._layers = adapter_layers(module)
+                    with adapters_disabled(module, self._layers):
                         ref_out = module(*args, **kwargs)
                 else:
                     ref_out = self.ref(*args, **kwargs)

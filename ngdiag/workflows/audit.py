@@ -33,7 +33,7 @@ from ngdiag.core.tensors import check_finite
 from ngdiag.core.errors import ConfigError
 from ngdiag.models.generation import SampleSet, prepare_batch
 from ngdiag.models.loading import ADAPTER_NAME, Checkpoint
-from ngdiag.models.pair import FusedLoraPair, mixed_batch_problem
+from ngdiag.models.pair import FusedLoraPair
 from ngdiag.probes.paired import TRAJECTORIES, PairedVelocity, PairRecorder
 from ngdiag.probes.records import NormRecord
 from ngdiag.probes.renorm import RENORM_TARGETS, rl_renorm_intervention
@@ -67,8 +67,9 @@ class AuditConfig(SampleSet):
             ``"BCa"`` or ``"percentile"``; the cluster bootstrap over prompts is always percentile).
         grid_size: how many samples appear in the report's image grid.
         fuse_lora: for LoRA checkpoints, evaluate theta and ref in one mixed-adapter forward
-            (``None``: on CUDA only, where ``benchmarks/bench_lora_pair.py`` measures it faster, and
-            only for adapters peft can mix: not DoRA).
+            (``True``; refused for adapters peft cannot mix, such as DoRA). ``None`` (the default)
+            and ``False`` run two passes: the fused pair stays off until a GPU measurement
+            (``benchmarks/gpu/run.py``, docs/performance.md) shows it faster.
         fd_encoder: an image encoder (:func:`ngdiag.quality.image_encoder` spec: ``clip:DIR``,
             ``pickscore:DIR``, ``world:DIR``, ``hpsv2:FILE``...) whose features of every decoded image give a
             Fréchet distance of each model to the base (needs ``reward``: all images are decoded then).
@@ -354,10 +355,6 @@ class _BatchRunner:
         self.encoder = encoder
         self.ref = checkpoint.require_ref()
 
-    def _fusable(self) -> bool:
-        """The default for LoRA pairs: fused on CUDA, when peft can mix the adapter in one batch."""
-        return self.ckpt.adapter.device.type == "cuda" and mixed_batch_problem(self.ckpt.theta) is None
-
     def run(self, b: int) -> dict:
         cfg = self.config
         ids = cfg.batch_ids(b)
@@ -367,7 +364,7 @@ class _BatchRunner:
         theta_g = batch.conditioning.guided(self.ckpt.theta)
         ref_g = batch.conditioning.guided(self.ref)
         fused = None
-        if self.ckpt.is_lora and (cfg.fuse_lora or (cfg.fuse_lora is None and self._fusable())):
+        if self.ckpt.is_lora and cfg.fuse_lora:  # None (the default) is off: docs/performance.md
             fused = FusedLoraPair(batch.conditioning, self.ckpt.theta, ADAPTER_NAME)
         recorder = PairRecorder(ids)
         h, w = batch.config.height, batch.config.width

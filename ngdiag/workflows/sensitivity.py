@@ -17,6 +17,7 @@ change under RL renormalization when the audit has one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -109,7 +110,12 @@ class SensitivityConfig(SampleSet):
         method: ``"discrete"`` (exact adjoint of the sampler) or ``"continuous"`` (torchdiffeq).
         solver, continuous_substeps: the continuous method's torchdiffeq solver.
         model: whose velocity is analysed: ``"theta"`` (default) or ``"ref"``.
-        gradient_checkpointing: enable diffusers' gradient checkpointing on the transformer and VAE.
+        gradient_checkpointing: enable diffusers' gradient checkpointing on the transformer and VAE. Off by
+            default: the discrete adjoint already keeps one step's activations only, and checkpointing inside
+            that step recomputes every forward a second time (3.2x sampling without, 4.6x with on the world's
+            base: docs/performance.md); turn it on when one step's activations do not fit. It changes memory
+            and time only, not the results, so it does not enter the fingerprint (a rerun with the other value
+            resumes).
         inflation: an inflation ``I`` (a fraction, ``> -1``) whose removal's first-order reward change the
             summary reports; taken from ``audit`` when that is given. Changes the summary only.
         audit: what :func:`audit_reference` read from an audit folder (its inflation and measured
@@ -122,7 +128,7 @@ class SensitivityConfig(SampleSet):
     solver: str = "rk4"
     continuous_substeps: int = 4
     model: str = "theta"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False
     inflation: Optional[float] = None
     audit: Optional[dict] = None
 
@@ -148,6 +154,11 @@ class SensitivityConfig(SampleSet):
         if self.inflation is not None:
             removal_eps(self.inflation)  # a finite fraction above -1
             self.inflation = float(self.inflation)
+
+    def fingerprint(self, checkpoint: dict) -> str:
+        # gradient_checkpointing changes memory and time, not results: hashed as True, the default until it
+        # was turned off (CHANGELOG, issue 15), so that runs started before then still resume.
+        return SampleSet.fingerprint(dataclasses.replace(self, gradient_checkpointing=True), checkpoint)
 
 
 def checkpoint_velocity(checkpoint: Checkpoint, conditioning, which: str = "theta") -> Callable:
