@@ -24,7 +24,8 @@ CLI = [sys.executable, "-m", "ngdiag.cli"]
 
 # (command, working-directory-relative output -> file in reports/)
 DEMO_PAGES = ["index.html", "1-inflation.html", "2-renorm.html", "3-sensitivity.html", "4-normguard.html",
-              "5-few-steps.html", "6-checkpoints.html", "demo.json", "runs/compare.html",
+              "5-few-steps.html", "6-checkpoints.html", "7-where.html", "demo.json", "runs/compare.html",
+              "runs/attribution/report.html", "runs/nft-plain-28steps/report.html",
               "runs/nft-plain-sweep/report.html", "runs/nft-normguard-sweep/report.html"]
 COMMANDS = [
     (CLI + ["demo", "--out", "world-demo"], {f"world-demo/{page}": f"demo/{page}" for page in DEMO_PAGES}),

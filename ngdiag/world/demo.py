@@ -563,6 +563,10 @@ def _page_where(audit, attribution) -> dict:
             "number above 10 %, so the reading uses the held-out share: positions chosen on half of the samples, "
             f"their share measured on the other half ({held:.0%}); local above 30 %, uniform at or below 20 %.",
         ],
+        "links": [{"href": "runs/attribution/report.html", "text": "the ngdiag attribute report",
+                   "note": "ranked table, bar chart, sums against the total"},
+                  {"href": f"runs/nft-plain-{audit.record.num_steps}steps/report.html",
+                   "text": "the audit report of the unregularised fine-tune", "note": "maps per sample and per step"}],
         "tables": [table_of(rows, caption="Per block, ranked: effect on the mean log-ratio with its 95 % interval "
                                           "and its share of the total.")],
         "figures": [figure_block(figure_maps, alt="spatial ratio maps under the images",
