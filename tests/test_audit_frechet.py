@@ -67,5 +67,3 @@ def test_fd_encoder_is_checked_before_anything_is_written(planted, tmp_path):
     assert code == 2 and "not an image encoder" in err and not (tmp_path / "c").exists()
     with pytest.raises(Exception, match="needs a reward"):
         AuditConfig(prompts=["x"], num_samples=2, fd_encoder=JUDGE)
-    # the option is left out of the config's dict when unset: earlier audits keep their fingerprints
-    assert "fd_encoder" not in AuditConfig(prompts=["x"], num_samples=2).to_dict()

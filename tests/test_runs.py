@@ -315,3 +315,24 @@ def test_json_safe_gives_plain_json():
 def test_sample_seeds():
     assert sample_seeds(10, [0, 3, np.int64(5)]) == [10, 13, 15]
     assert all(type(s) is int for s in sample_seeds(np.int64(1), [2]))
+
+
+def test_fingerprints_of_runs_started_before_the_new_options_still_match():
+    """Fingerprints computed by the code before issues 12-15 (commit bb3347c, run in a checkout of it):
+    options added since then, at their defaults, and the sensitivity's gradient checkpointing (turned off
+    since) leave them unchanged, so unfinished runs started with that code resume."""
+    from ngdiag.models.generation import SamplingConfig
+    from ngdiag.workflows.audit import AuditConfig
+    from ngdiag.workflows.sensitivity import SensitivityConfig
+
+    ck = {"path": "/models/ft", "base": "/models/base", "family": "sd3", "kind": "peft-lora"}
+    s = SamplingConfig(num_steps=10, guidance_scale=4.5, height=32, width=32)
+    common = dict(prompts=["a red circle", "a cat"], num_samples=4, sampling=s, seed=3, batch_size=2, reward="brightness")
+    audit = AuditConfig(renorm=True, **common)
+    assert audit.fingerprint(ck) == "b114dfd81bdadb8d"
+    assert SensitivityConfig(**common).fingerprint(ck) == "e71b4cfa8c4ac960"
+    assert SensitivityConfig(**common, gradient_checkpointing=True).fingerprint(ck) == "e71b4cfa8c4ac960"
+    # a new option away from its default is a different run
+    for changed in ({"spatial_maps": True}, {"fd_encoder": "world:/j"}):
+        assert AuditConfig(renorm=True, **common, **changed).fingerprint(ck) != "b114dfd81bdadb8d"
+    assert AuditConfig(**common, sample_base=False).fingerprint(ck) != AuditConfig(**common).fingerprint(ck)

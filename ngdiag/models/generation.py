@@ -265,6 +265,11 @@ class SampleSet:
     _needs_two = "a run needs at least 2 samples"
     #: config fields that change only the summary, not the parts: left out of :meth:`fingerprint`
     _not_in_fingerprint = ()
+    #: fields added after a release, with their defaults: left out of :meth:`fingerprint` while at the
+    #: default, so that unfinished runs started before the field existed still resume
+    _added_fields = {}
+    #: fields that change time or memory only, with the value earlier releases hashed: always hashed as it
+    _hashed_as = {}
 
     def __post_init__(self):
         self.prompts = [str(p) for p in self.prompts]
@@ -324,7 +329,8 @@ class SampleSet:
         """Hash of everything that determines the results (a run with another hash is not resumed).
 
         Where the sampling settings came from (``sampling.origin``) is not part of it, nor are the
-        fields named in ``_not_in_fingerprint`` (they change only the summary).
+        fields named in ``_not_in_fingerprint`` (they change only the summary), nor the fields of
+        ``_added_fields`` at their default; the fields of ``_hashed_as`` enter at a fixed value.
         """
         import hashlib
         import json
@@ -333,6 +339,10 @@ class SampleSet:
         config["sampling"].pop("origin", None)
         for key in self._not_in_fingerprint:
             config.pop(key, None)
+        for key, default in self._added_fields.items():
+            if key in config and config[key] == default:
+                del config[key]
+        config.update({k: v for k, v in self._hashed_as.items() if k in config})
         payload = json.dumps({"config": config, "checkpoint": checkpoint}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -97,6 +97,7 @@ class AuditConfig(SampleSet):
     spatial_maps: bool = False
 
     _needs_two = "an audit needs at least 2 samples for a confidence interval"
+    _added_fields = {"sample_base": True, "fd_encoder": None, "spatial_maps": False}  # since 0.1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,17 +113,6 @@ class AuditConfig(SampleSet):
             raise ConfigError("a Fréchet distance (fd_encoder) needs a reward: images are decoded only with one")
         if not self.sample_base and (self.trajectory != "theta" or self.renorm):
             raise ConfigError("sample_base=False needs trajectory='theta' and no renorm (both use the base's samples)")
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        if d.get("sample_base", True):
-            # the default is left out, so the fingerprints of audits made before the option existed still match
-            d.pop("sample_base", None)
-        if d.get("fd_encoder") is None:
-            d.pop("fd_encoder", None)
-        if not d.get("spatial_maps", False):
-            d.pop("spatial_maps", None)  # likewise: the default leaves old fingerprints unchanged
-        return d
 
 
 @dataclass

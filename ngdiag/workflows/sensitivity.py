@@ -17,7 +17,6 @@ change under RL renormalization when the audit has one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -134,6 +133,9 @@ class SensitivityConfig(SampleSet):
 
     _needs_two = "the analysis needs at least 2 samples for a spread"
     _not_in_fingerprint = ("inflation", "audit")  # a rerun with another --inflation resumes the same parts
+    # changes memory and time, not results: hashed as True, the default until it was turned off (issue 15),
+    # so that runs started before then still resume
+    _hashed_as = {"gradient_checkpointing": True}
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,11 +156,6 @@ class SensitivityConfig(SampleSet):
         if self.inflation is not None:
             removal_eps(self.inflation)  # a finite fraction above -1
             self.inflation = float(self.inflation)
-
-    def fingerprint(self, checkpoint: dict) -> str:
-        # gradient_checkpointing changes memory and time, not results: hashed as True, the default until it
-        # was turned off (CHANGELOG, issue 15), so that runs started before then still resume.
-        return SampleSet.fingerprint(dataclasses.replace(self, gradient_checkpointing=True), checkpoint)
 
 
 def checkpoint_velocity(checkpoint: Checkpoint, conditioning, which: str = "theta") -> Callable:
