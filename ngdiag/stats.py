@@ -45,6 +45,7 @@ __all__ = [
     "per_sample_log_ratio",
     "verdict_for",
     "bootstrap_mean_interval",
+    "mean_interval",
     "bootstrap_unit",
     "InflationSummary",
     "step_weights",
@@ -144,6 +145,21 @@ def _cluster_codes(clusters, n: int) -> tuple[np.ndarray, int]:
     except TypeError:
         raise ConfigError("clusters must be labels of one type (numbers or strings)") from None
     return codes.reshape(n), len(labels)
+
+
+def mean_interval(values, *, clusters=None, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple:
+    """``(mean, low, high)`` of ``values`` (e.g. per-sample paired differences): the percentile interval of
+    :func:`bootstrap_mean_interval`, over samples, or over prompts when ``clusters`` (each sample's prompt) repeats.
+
+    All values equal give the exact interval ``[mean, mean]``; fewer than 2 values give NaN bounds.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean()) if v.size else math.nan
+    if v.size < 2:
+        return mean, math.nan, math.nan
+    lo, hi, _ = bootstrap_mean_interval(v, clusters=clusters, confidence=confidence, method="percentile",
+                                        n_resamples=n_resamples, seed=seed)
+    return mean, float(lo), float(hi)
 
 
 def bootstrap_unit(clusters, num_values: int) -> tuple[str, int]:

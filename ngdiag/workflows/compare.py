@@ -247,7 +247,7 @@ class CompareResult:
         frame["inflation"] = frame["inflation_pct"] / 100
         frame["ci_low"] = frame["ci_low_pct"] / 100
         frame["ci_high"] = frame["ci_high_pct"] / 100
-        from ngdiag.workflows.sweep import paired_interval
+        from ngdiag.stats import mean_interval
 
         def of(model):
             sub = self.rewards[(self.rewards["model"] == model) & (self.rewards["steps"] == k)].sort_values("sample")
@@ -255,7 +255,7 @@ class CompareResult:
 
         first = {p: j for j, p in reversed(list(enumerate(self.prompts)))}
         clusters = np.asarray([first[self.prompts[i % len(self.prompts)]] for i in range(self.num_samples)])
-        deltas = [paired_interval(of(label) - of("base"), clusters=clusters, confidence=self.confidence, seed=self.seed)
+        deltas = [mean_interval(of(label) - of("base"), clusters=clusters, confidence=self.confidence, seed=self.seed)
                   for label in frame["label"]]
         frame["reward_delta"], frame["reward_delta_low"], frame["reward_delta_high"] = (
             [d[i] for d in deltas] for i in range(3))
@@ -495,7 +495,7 @@ def compare_runs(
     from ngdiag.quality import MEASURES
     from ngdiag.train.config import check_reward_spec
     from ngdiag.workflows.audit import AuditConfig, prompt_clusters, run_audit
-    from ngdiag.workflows.sweep import paired_interval
+    from ngdiag.stats import mean_interval
 
     if len(runs) == 1 and isinstance(runs[0], (list, tuple)):
         runs = tuple(runs[0])
@@ -597,10 +597,10 @@ def compare_runs(
             row = {"model": model, "steps": k, "baseline": baseline}
             mine = log_ratios.get((model, k), np.zeros(int(num_samples)))
             theirs = log_ratios.get((baseline, k), np.zeros(int(num_samples)))
-            m, lo, hi = paired_interval(mine - theirs, clusters=clusters, confidence=0.95, seed=int(seed))
+            m, lo, hi = mean_interval(mine - theirs, clusters=clusters, confidence=0.95, seed=int(seed))
             row.update({"ratio_delta": math.expm1(m), "ratio_delta_low": math.expm1(lo), "ratio_delta_high": math.expm1(hi)})
             for column, frame, key in (("reward", rewards, "reward"), *((c, quality, c) for c in MEASURES)):
-                m, lo, hi = paired_interval(per_sample(frame, model, k, column) - per_sample(frame, baseline, k, column),
+                m, lo, hi = mean_interval(per_sample(frame, model, k, column) - per_sample(frame, baseline, k, column),
                                             clusters=clusters, confidence=0.95, seed=int(seed))
                 row.update({f"{key}_delta": m, f"{key}_delta_low": lo, f"{key}_delta_high": hi})
             paired.append(row)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from ngdiag.core.errors import ConfigError
 
-__all__ = ["find_checkpoints", "run_sweep", "SweepResult", "paired_interval", "check_sweep_output", "SCHEMA_VERSION"]
+__all__ = ["find_checkpoints", "run_sweep", "SweepResult", "check_sweep_output", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 KIND = "sweep"
@@ -74,23 +74,6 @@ def find_checkpoints(run_dir, *, skipped: Optional[list] = None) -> list:
     if not found:
         raise ConfigError(f"{run} holds no complete checkpoint-N folder (looked in {run} and {run / 'checkpoints'})")
     return sorted(found.items())
-
-
-def paired_interval(values, *, clusters=None, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple:
-    """``(mean, low, high)`` of per-sample paired differences: a seeded percentile bootstrap over samples,
-    or over prompts when ``clusters`` (each sample's prompt index) repeats (:func:`ngdiag.stats.bootstrap_mean_interval`).
-
-    All values equal give the exact interval ``[mean, mean]``; fewer than 2 values give NaN bounds.
-    """
-    from ngdiag.stats import bootstrap_mean_interval
-
-    v = np.asarray(values, dtype=np.float64)
-    mean = float(v.mean()) if v.size else math.nan
-    if v.size < 2:
-        return mean, math.nan, math.nan
-    lo, hi, _ = bootstrap_mean_interval(v, clusters=clusters, confidence=confidence, method="percentile",
-                                        n_resamples=n_resamples, seed=seed)
-    return mean, float(lo), float(hi)
 
 
 @dataclass
@@ -288,8 +271,8 @@ def run_sweep(
 
 
 def _base_of_run(run: Path) -> Optional[str]:
-    """``model.base`` of an ngdiag run's ``config.yaml`` (relative paths are relative to the run folder's
-    parent, as the trainer resolved them when it ran there), or ``None``."""
+    """``model.base`` of an ngdiag run's ``config.yaml`` as written there (a relative path is taken from the
+    current folder, as ``ngdiag compare`` does), or ``None``."""
     import yaml
 
     cfg = run / "config.yaml"
@@ -306,6 +289,7 @@ def _base_of_run(run: Path) -> Optional[str]:
 
 def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
     from ngdiag.quality import MEASURES
+    from ngdiag.stats import mean_interval
     from ngdiag.workflows.audit import prompt_clusters
 
     first = audits[checkpoints[0][0]]
@@ -339,14 +323,14 @@ def _tables(audits: dict, checkpoints: list, threshold: float) -> tuple:
         if base_rewards is not None and a.rewards is not None:
             rl = a.rewards[a.rewards["model"] == "rl"].sort_values("sample")
             row["reward"] = float(rl["reward"].mean())
-            mean, lo, hi = paired_interval(rl["reward"].to_numpy(float) - base_rewards["reward"].to_numpy(float),
+            mean, lo, hi = mean_interval(rl["reward"].to_numpy(float) - base_rewards["reward"].to_numpy(float),
                                            clusters=clusters, confidence=conf, seed=seed)
             row.update({"reward_delta": mean, "reward_delta_low": lo, "reward_delta_high": hi})
         if base_quality is not None and a.quality is not None:
             rl = a.quality[a.quality["model"] == "rl"].sort_values("sample")
             for k in MEASURES:
                 row[k] = float(rl[k].mean())
-                mean, lo, hi = paired_interval(rl[k].to_numpy(float) - base_quality[k].to_numpy(float),
+                mean, lo, hi = mean_interval(rl[k].to_numpy(float) - base_quality[k].to_numpy(float),
                                                clusters=clusters, confidence=conf, seed=seed)
                 row.update({f"{k}_delta": mean, f"{k}_delta_low": lo, f"{k}_delta_high": hi})
         if base_features is not None and "rl" in a.features:

@@ -230,9 +230,9 @@ def _mean_interval(diff: np.ndarray, audit, seed: int = 0) -> tuple[float, float
     """Mean of the per-sample ``diff`` of ``audit``'s samples and its 95 % percentile bootstrap interval, over
     prompts where samples share a prompt (as the audit's own interval)."""
     from ngdiag.workflows.audit import prompt_clusters
-    from ngdiag.workflows.sweep import paired_interval
+    from ngdiag.stats import mean_interval
 
-    return paired_interval(diff, clusters=prompt_clusters(audit.config, np.arange(len(diff))), seed=seed)
+    return mean_interval(diff, clusters=prompt_clusters(audit.config, np.arange(len(diff))), seed=seed)
 
 
 def _fmt_diff(mean: float, low: float, high: float) -> str:
