@@ -538,11 +538,12 @@ def compare_runs(
             frame.insert(0, "model", run.label)
             per_step.append(frame)
             inflations[(run.label, k)] = result.inflation
-            for model_key, name in (("rl", run.label), ("base", "base")):
+            log_ratios[(run.label, k)] = result.per_sample.sort_values("sample")["log_ratio"].to_numpy(float)
+            for model_key, name in (("rl", run.label), ("base", "base")):  # the base only in the first run's audit
+                if model_key in result.images:
+                    images.setdefault(name, {})[k] = result.images[model_key]
                 if model_key in result.features:
                     features[(name, k)] = result.features[model_key]
-            log_ratios[(run.label, k)] = result.per_sample.sort_values("sample")["log_ratio"].to_numpy(float)
-            for model_key, name in (("rl", run.label), ("base", "base")):
                 sub = result.rewards[result.rewards["model"] == model_key]
                 if sub.empty:
                     continue
@@ -563,9 +564,6 @@ def compare_runs(
                                 "ci_high_pct": 100 * inf.ci_high, "verdict": inf.verdict,
                                 "t_weighted_pct": 100 * inf.t_weighted_value})
                     rows.append(row)
-            for model_key, name in (("rl", run.label), ("base", "base")):
-                if model_key in result.images:
-                    images.setdefault(name, {})[k] = result.images[model_key]
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -597,11 +595,11 @@ def compare_runs(
             row = {"model": model, "steps": k, "baseline": baseline}
             mine = log_ratios.get((model, k), np.zeros(int(num_samples)))
             theirs = log_ratios.get((baseline, k), np.zeros(int(num_samples)))
-            m, lo, hi = mean_interval(mine - theirs, clusters=clusters, confidence=0.95, seed=int(seed))
+            m, lo, hi = mean_interval(mine - theirs, clusters=clusters, confidence=audit.confidence, seed=int(seed))
             row.update({"ratio_delta": math.expm1(m), "ratio_delta_low": math.expm1(lo), "ratio_delta_high": math.expm1(hi)})
             for column, frame, key in (("reward", rewards, "reward"), *((c, quality, c) for c in MEASURES)):
                 m, lo, hi = mean_interval(per_sample(frame, model, k, column) - per_sample(frame, baseline, k, column),
-                                            clusters=clusters, confidence=0.95, seed=int(seed))
+                                            clusters=clusters, confidence=audit.confidence, seed=int(seed))
                 row.update({f"{key}_delta": m, f"{key}_delta_low": lo, f"{key}_delta_high": hi})
             paired.append(row)
     return CompareResult(
