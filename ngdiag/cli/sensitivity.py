@@ -107,11 +107,6 @@ def register(app: typer.Typer) -> None:
             if inflation is not None and not inflation > -1:
                 raise ConfigError(f"--inflation must be a fraction above -1 (0.059 for 5.9 %), got {inflation:g}")
             reference = audit_reference(audit) if audit is not None else None
-            if reference is not None and reference.get("checkpoint"):
-                audited, here = Path(reference["checkpoint"]).resolve(), Path(options.checkpoint).resolve()
-                if audited != here:
-                    raise ConfigError(f"--audit {audit} audited {audited}, not this checkpoint ({here}): its inflation "
-                                      "is another model's")
             if inflation is not None and abs(inflation) > 1:
                 print_notes([f"--inflation is a fraction: {inflation:g} means {100 * inflation:+.0f} %"], options.quiet)
             return SensitivityConfig(prompts=prompts, reward=reward, num_samples=options.num_samples, sampling=sampling,

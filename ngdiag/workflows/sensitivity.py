@@ -137,6 +137,15 @@ class SensitivityConfig(SampleSet):
     # so that runs started before then still resume
     _hashed_as = {"gradient_checkpointing": True}
 
+    def check_against(self, checkpoint: Checkpoint) -> None:
+        """Also: an ``audit`` must be of this checkpoint (its inflation is another model's otherwise)."""
+        super().check_against(checkpoint)
+        audited = (self.audit or {}).get("checkpoint")
+        here = checkpoint.describe().get("path")
+        if audited is not None and here is not None and str(audited) != str(here):
+            raise ConfigError(f"the audit {self.audit.get('path')} audited {audited}, not this checkpoint ({here}): "
+                              "its inflation is another model's")
+
     def __post_init__(self):
         super().__post_init__()
         if not self.reward:
