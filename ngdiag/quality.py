@@ -820,7 +820,4 @@ def frechet(encoder, images: torch.Tensor, reference, *, batch: int = 64, device
     r = _check(reference)
     if len(x) < 2 or len(r) < 2:
         raise ConfigError("a Fréchet distance needs at least 2 images on each side")
-    fr = encoder.encode(r, batch=batch)
-    fx = encoder.encode(x, batch=batch)
-    return FrechetResult(value=_frechet_of_features(fx, fr), num_images=len(x), num_reference=len(r),
-                         encoder=encoder.name, num_features=int(fx.shape[1]))
+    return frechet_of_features(encoder.encode(x, batch=batch), encoder.encode(r, batch=batch), encoder=encoder.name)

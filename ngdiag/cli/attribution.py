@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ngdiag.cli.common import check_choice, finite_float
+from ngdiag.cli.common import check_choice, finite_float, format_number
 from ngdiag.cli.runs import RunCommand, RunOptions
 
 MERGE_HELP = """Join the shards of an attribution (--shard i/n) into one result.
@@ -17,10 +17,6 @@ Example: ngdiag merge-attribution attr-0 attr-1 --out attr
 GROUPINGS = ("block", "module")  # ngdiag.models.groups.GROUPINGS, without importing torch at start-up
 
 
-def _g(x, fmt: str = "+.4g") -> str:
-    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
-
-
 def format_human(summary: dict, max_rows: int = 20) -> str:
     total = summary["total"]
     lines = [
@@ -28,18 +24,18 @@ def format_human(summary: dict, max_rows: int = 20) -> str:
         f"base       : {summary['base']}",
         f"groups     : {summary['num_groups']} by {summary['group_by']} ({summary['switch']}), "
         f"{summary['num_samples']} samples",
-        f"total      : log-ratio {_g(total['log_ratio'])} (inflation {100 * total['inflation']:+.2f} % "
+        f"total      : log-ratio {format_number(total['log_ratio'])} (inflation {100 * total['inflation']:+.2f} % "
         f"[{100 * total['ci_low']:+.2f}, {100 * total['ci_high']:+.2f}] %)",
-        f"sums       : leave-one-out {_g(summary['sum_loo_effects'])} (interaction {_g(summary['interaction_loo'])})"
-        + (f", single {_g(summary['sum_single_effects'])} (interaction {_g(summary['interaction_single'])})"
+        f"sums       : leave-one-out {format_number(summary['sum_loo_effects'])} (interaction {format_number(summary['interaction_loo'])})"
+        + (f", single {format_number(summary['sum_single_effects'])} (interaction {format_number(summary['interaction_single'])})"
            if "sum_single_effects" in summary else ""),
         "",
         f"{'rank':>4}  {'loo effect':>11} {'CI low':>11} {'CI high':>11} {'share':>7}  group",
     ]
     for row in summary["groups"][:max_rows]:
         share = row.get("loo_share")
-        lines.append(f"{row['rank']:>4}  {_g(row['loo_effect']):>11} {_g(row['loo_ci_low']):>11} "
-                     f"{_g(row['loo_ci_high']):>11} {_g(share, '.3f'):>7}  {row['group']}")
+        lines.append(f"{row['rank']:>4}  {format_number(row['loo_effect']):>11} {format_number(row['loo_ci_low']):>11} "
+                     f"{format_number(row['loo_ci_high']):>11} {format_number(share, '.3f'):>7}  {row['group']}")
     if len(summary["groups"]) > max_rows:
         lines.append(f"      ... {len(summary['groups']) - max_rows} more groups in attribution.csv")
     return "\n".join(lines)

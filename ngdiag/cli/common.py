@@ -222,6 +222,11 @@ def describe_sampling(sampling) -> str:
     return f"sampling: {sampling.describe()}" + (f" ({sources})" if sources else "")
 
 
+def format_number(x, fmt: str = "+.4g") -> str:
+    """``x`` formatted with ``fmt``, or ``"n/a"`` when it is not a number (a missing value in a summary)."""
+    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+
 def print_notes(notes: Sequence[str], quiet: bool) -> None:
     """The commands' informational lines on stderr (nothing with ``--quiet``)."""
     if quiet:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ngdiag.cli.common import finite_float, print_notes
+from ngdiag.cli.common import finite_float, format_number, print_notes
 from ngdiag.cli.runs import RunCommand, RunOptions
 from ngdiag.rewards.specs import reward_kinds_help
 
@@ -18,22 +18,18 @@ Example: ngdiag merge-sensitivity sens-0 sens-1 --out sens
 """
 
 
-def _g(x, fmt: str = "+.4g") -> str:
-    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
-
-
 def _first_order_lines(block: dict, confidence) -> list:
     """The predicted reward change of removing the inflation and, from an audit, the measured one."""
     level = f"{confidence:.0%} CI" if isinstance(confidence, (int, float)) else "CI"
     lines = [
         f"removal    : inflation {block['inflation']:.2%} (eps = {block['eps']:+.4g}): first-order reward change "
-        f"{_g(block['mean'])} [{level} {_g(block['ci_low'])}, {_g(block['ci_high'])}] = eps * dR/d(eps)",
+        f"{format_number(block['mean'])} [{level} {format_number(block['ci_low'])}, {format_number(block['ci_high'])}] = eps * dR/d(eps)",
     ]
     measured = block.get("measured_renorm_reward_change")
     if measured:
         n = measured.get("num_samples")
-        lines.append(f"measured   : {_g(measured['mean'])} ± {_g(measured.get('stderr'), '.4g')} (standard error; std "
-                     f"{_g(measured.get('std'), '.4g')} over {n if n else '?'} samples) rl+renorm minus rl in {block['audit']}")
+        lines.append(f"measured   : {format_number(measured['mean'])} ± {format_number(measured.get('stderr'), '.4g')} (standard error; std "
+                     f"{format_number(measured.get('std'), '.4g')} over {n if n else '?'} samples) rl+renorm minus rl in {block['audit']}")
         if block.get("same_reward") is False:
             lines.append(f"             (the audit's reward is {block.get('audit_reward')}, not this run's)")
     elif block.get("audit"):
@@ -45,7 +41,7 @@ def format_human(summary: dict) -> str:
     sampling = summary.get("config", {}).get("sampling", {})
     dd = summary["directional_derivative"]
     confidence = (summary.get("intervals") or {}).get("confidence")
-    ci = (f"  [{confidence:.0%} CI {_g(dd.get('ci_low'))}, {_g(dd.get('ci_high'))}]"
+    ci = (f"  [{confidence:.0%} CI {format_number(dd.get('ci_low'))}, {format_number(dd.get('ci_high'))}]"
           if "ci_low" in dd and isinstance(confidence, (int, float)) else "")
     lines = [
         f"checkpoint : {summary['checkpoint']}",
@@ -60,8 +56,8 @@ def format_human(summary: dict) -> str:
     lines += ["", f"{'step':>4} {'t':>7} {'mean S':>11} {'CI low':>11} {'CI high':>11} {'std S':>11} {'NSR':>8} {'frac>0':>7}"]
     for row in summary["per_step"]:
         nsr = row["nsr"] if row["nsr"] is not None else float("nan")
-        lines.append(f"{row['step']:>4} {row['t']:>7.4f} {row['mean']:>11.4g} {_g(row.get('mean_ci_low'), '.4g'):>11} "
-                     f"{_g(row.get('mean_ci_high'), '.4g'):>11} {row['std']:>11.4g} {nsr:>8.2f} {row['frac_positive']:>7.2f}")
+        lines.append(f"{row['step']:>4} {row['t']:>7.4f} {row['mean']:>11.4g} {format_number(row.get('mean_ci_low'), '.4g'):>11} "
+                     f"{format_number(row.get('mean_ci_high'), '.4g'):>11} {row['std']:>11.4g} {nsr:>8.2f} {row['frac_positive']:>7.2f}")
     return "\n".join(lines)
 
 
