@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -185,76 +184,29 @@ def frechet_distance(features: torch.nn.Module, images: torch.Tensor, reference:
 
 
 # ----------------------------------------------------------------------------- paired comparison
-def _rng_keyword() -> str:
-    """scipy >= 1.15 names bootstrap's seed argument ``rng``, older versions ``random_state``."""
-    from scipy import stats
-
-    return "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
-
-
 def _paired_interval(diffs: np.ndarray, *, clusters: Optional[np.ndarray], confidence: float, method: str,
                      n_resamples: int, seed: int,
                      scale: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, list]:
-    """Bootstrap interval of the mean paired difference of every row of ``diffs`` ``(M, N)``, in one
-    vectorised ``scipy.stats.bootstrap`` call (the same resamples for every row).
-
-    Without ``clusters`` the pairs are resampled; with ``clusters`` (one label per pair) whole clusters
-    are, and the statistic is the mean over the pairs of the resampled clusters. A row whose
-    differences are all equal, or all within rounding (``1e-12`` of ``scale``, the size of the values), gets
-    the interval ``[d, d]`` (method ``"constant"``); a row where BCa is
-    undefined (a degenerate resample distribution) falls back to the percentile interval.
+    """Bootstrap interval of the mean paired difference of every row of ``diffs`` ``(M, N)``:
+    :func:`ngdiag.stats.bootstrap_mean_interval` of each row (the same seed, so the same resamples), over
+    pairs, or over clusters (percentile) when ``clusters`` (one label per pair) repeats, as the audit's
+    inflation. A row whose differences are all equal, or all within rounding (``1e-12`` of ``scale``, the
+    size of the values), gets the interval ``[d, d]`` (method ``"constant"``).
     """
-    import warnings
+    from ngdiag.stats import bootstrap_mean_interval
 
-    from scipy import stats
-
-    m, n = diffs.shape
     means = diffs.mean(axis=1)
     low, high = means.copy(), means.copy()
-    used = ["constant"] * m
-    varying = np.ptp(diffs, axis=1) > 0
-    if scale is not None:
-        varying &= np.abs(diffs).max(axis=1) > 1e-12 * np.maximum(scale, 1e-300)
-    if not varying.any():
-        return low, high, used
-    rows = diffs[varying]
-    if clusters is None:
-        data, statistic, paired = (rows,), np.mean, False
-    else:
-        labels, index = np.unique(clusters, return_inverse=True)
-        sums = np.zeros((len(rows), len(labels)))
-        np.add.at(sums.T, index, rows.T)
-        counts = np.broadcast_to(np.bincount(index, minlength=len(labels)).astype(float), sums.shape)
-        data, paired = (sums, counts), True
-
-        def statistic(s, c, axis=-1):
-            return s.sum(axis=axis) / c.sum(axis=axis)
-
-    batch = max(1, min(n_resamples, 2**23 // max(1, rows.size)))
-
-    def run(kind: str):
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = stats.bootstrap(data, statistic, n_resamples=n_resamples, batch=batch, vectorized=True, axis=-1,
-                                  paired=paired, confidence_level=confidence, method=kind,
-                                  **{_rng_keyword(): np.random.default_rng(seed)})
-        return np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
-
-    lo, hi = run(method)
-    names = [method] * len(rows)
-    bad = ~(np.isfinite(lo) & np.isfinite(hi))
-    if bad.any() and method != "percentile":
-        plo, phi = run("percentile")
-        lo, hi = np.where(bad, plo, lo), np.where(bad, phi, hi)
-        names = ["percentile" if b else method for b in bad]
-    low[varying], high[varying] = lo, hi
-    for j, name in zip(np.flatnonzero(varying), names):
-        used[j] = name
+    used = ["constant"] * len(diffs)
+    for j, row in enumerate(diffs):
+        if np.ptp(row) == 0 or (scale is not None and np.abs(row).max() <= 1e-12 * max(float(scale[j]), 1e-300)):
+            continue
+        low[j], high[j], used[j] = bootstrap_mean_interval(row, clusters=clusters, confidence=confidence, method=method,
+                                                           n_resamples=n_resamples, seed=seed)
     return low, high, used
 
 
-_METHODS = {"bca": "BCa", "percentile": "percentile", "basic": "basic"}
+_METHODS = {"bca": "BCa", "percentile": "percentile"}
 
 
 @dataclass
@@ -348,8 +300,6 @@ def _panel(model_values: np.ndarray, reference_values: np.ndarray, measures: Seq
         clusters = np.asarray(clusters)
         if clusters.shape != (n,):
             raise ConfigError(f"clusters needs one label per pair ({n}), got shape {clusters.shape}")
-        if len(np.unique(clusters)) < 2:
-            raise ConfigError("a clustered interval needs at least 2 clusters")
     diffs = (model_values - reference_values).T
     if not np.isfinite(diffs).all():
         raise ConfigError("the quality values are not finite (NaN or inf)")

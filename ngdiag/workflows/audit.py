@@ -300,13 +300,13 @@ def quality_block(quality: pd.DataFrame, *, confidence: float = 0.95, method: st
     bootstrap interval (``ci_low``, ``ci_high``: :func:`ngdiag.quality.paired_differences`, settings
     under ``interval``): over samples, or over prompts when ``clusters`` (each sample's prompt, in sample
     order: :func:`prompt_clusters`) repeats, as the inflation's interval."""
+    from ngdiag.stats import bootstrap_unit
+
     unit = "samples (paired: same prompt and seed)"
     if clusters is not None:
-        clusters = np.asarray(clusters)
-        if len(np.unique(clusters)) in (1, len(clusters)):
-            clusters = None  # nothing to cluster: the samples are resampled, as for the inflation
-        else:
-            unit = f"prompts ({len(np.unique(clusters))} prompts; paired: same prompt and seed)"
+        kind, count = bootstrap_unit(clusters, len(clusters))
+        if kind == "prompts":
+            unit = f"prompts ({count} prompts; paired: same prompt and seed)"
     block: dict = {"measures": list(MEASURES), "models": {}}
     models = [m for m in ("base", "rl", "rl+renorm") if m in set(quality["model"])]
     for model in models:
