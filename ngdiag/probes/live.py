@@ -163,8 +163,10 @@ class LiveProbe:
             ids = self._recorder.sample_ids
             check_pair_finite(ev, step=k, t=t, sample_ids=ids)
             self._recorder.add(t, t_next, compare_pair(ev, ev.extras["ref"], step=k))
-            if self._spatial is not None:
+            if self._spatial is not None and (t_guided.dim() == 4 or self._size is not None):
                 self._spatial.add(t, t_guided, r_guided, step=k)
+            else:  # packed tokens whose image size the call does not tell: norms only, no spatial maps
+                self._spatial = None
             if self._intervene is not None:
                 model_output = self._intervene(k, scheduler.sigmas[k].expand(n), ev)
             out = original(model_output, timestep, sample, *args, **kwargs)

@@ -117,7 +117,13 @@ def held_out_top_share(sample_maps, fraction: float = TOP_FRACTION) -> Optional[
         raise ConfigError(f"sample maps need shape (N, h, w), got {maps.shape}")
     if len(maps) < 4:
         return None
-    halves = [np.maximum(maps[0::2].mean(axis=0).ravel(), 0.0), np.maximum(maps[1::2].mean(axis=0).ravel(), 0.0)]
+    return held_out_share_of_halves(maps[0::2].mean(axis=0), maps[1::2].mean(axis=0), fraction)
+
+
+def held_out_share_of_halves(first_log, second_log, fraction: float = TOP_FRACTION) -> Optional[float]:
+    """:func:`held_out_top_share` from the two halves' mean log maps ``(h, w)`` (``None`` when a half
+    has no excess)."""
+    halves = [np.maximum(np.asarray(h, dtype=np.float64).ravel(), 0.0) for h in (first_log, second_log)]
     n = max(1, math.ceil(fraction * halves[0].size - 1e-9))
     shares = []
     for chosen, measured in ((halves[0], halves[1]), (halves[1], halves[0])):
@@ -175,11 +181,17 @@ class SpatialRecorder:
         samples of the log-ratio maps per step ``(S, h, w)`` (float64), its sample count, and the
         mean-over-steps log maps of the samples ``keep`` (all when ``None``)."""
         logs = self.log_maps()
-        keep_ids = self.sample_ids if keep is None else np.asarray([i for i in self.sample_ids if i in set(keep)], np.int64)
+        kept = set(self.sample_ids.tolist() if keep is None else keep)
+        keep_ids = np.asarray([i for i in self.sample_ids if i in kept], np.int64)
         rows = [int(np.nonzero(self.sample_ids == i)[0][0]) for i in keep_ids]
+        per_sample = logs.astype(np.float64).mean(axis=0)  # (B, h, w): each sample's mean over steps
+        odd = (self.sample_ids % 2).astype(bool)
+        # the sums over even and odd sample ids of every sample, kept or not: the held-out share uses all samples
+        halves = np.stack([per_sample[~odd].sum(axis=0), per_sample[odd].sum(axis=0)])
         return {"times": np.asarray(self.times, dtype=np.float64), "step_log_sum": logs.astype(np.float64).sum(axis=1),
                 "count": len(self.sample_ids), "ids": keep_ids,
-                "sample_log_maps": logs[:, rows].astype(np.float64).mean(axis=0).astype(np.float32)}
+                "sample_log_maps": per_sample[rows].astype(np.float32),
+                "half_log_sum": halves, "half_count": np.asarray([int((~odd).sum()), int(odd.sum())])}
 
 
 @dataclass
@@ -195,6 +207,9 @@ class SpatialMaps:
             ``AuditConfig.spatial_maps``).
         sample_maps: ``(M, h, w)``, ``m_i(p) = exp(mean_k log r_ik(p))``.
         velocity: which velocity (``"guided"``).
+        half_log_means: ``(2, h, w)``, the mean log maps of the samples with even and with odd ids (all
+            samples, whichever maps are kept), from which the held-out share is computed; ``None`` for
+            parts written before it existed.
     """
 
     times: np.ndarray
@@ -204,6 +219,7 @@ class SpatialMaps:
     sample_ids: np.ndarray
     sample_maps: np.ndarray
     velocity: str = "guided"
+    half_log_means: Optional[np.ndarray] = None
 
     @property
     def grid(self) -> tuple:
@@ -216,12 +232,15 @@ class SpatialMaps:
 
     @property
     def held_out_top_share(self) -> Optional[float]:
-        """:func:`held_out_top_share` of the kept per-sample maps (``None`` with fewer than 4)."""
+        """The held-out share (:func:`held_out_top_share`) over all samples, from the even- and odd-id halves
+        (at least 2 samples in each); without them (older parts), from the kept per-sample maps (at least 4)."""
+        if self.half_log_means is not None:
+            return held_out_share_of_halves(*self.half_log_means) if self.num_samples >= 4 else None
         return held_out_top_share(self.sample_maps) if len(self.sample_ids) >= 4 else None
 
     @property
     def locality(self) -> str:
-        """:func:`locality` of the held-out share when there are at least 4 sample maps, else of the top share."""
+        """:func:`locality` of the held-out share when there is one, else of the top share."""
         held = self.held_out_top_share
         return locality(held if held is not None else self.top_share)
 
@@ -251,9 +270,16 @@ class SpatialMaps:
         maps = np.concatenate([np.asarray(p["sample_log_maps"], dtype=np.float32).reshape(-1, *total.shape[1:])
                                for p in parts])
         order = np.argsort(ids, kind="stable")
+        halves = None
+        if all("half_log_sum" in p for p in parts):
+            sums = np.zeros_like(np.asarray(parts[0]["half_log_sum"], dtype=np.float64))
+            counts = np.zeros(2)
+            for p in parts:
+                sums, counts = sums + p["half_log_sum"], counts + np.asarray(p["half_count"], dtype=np.float64)
+            halves = sums / np.maximum(counts, 1.0)[:, None, None] if (counts >= 2).all() else None
         return cls(times=np.asarray(times, dtype=np.float64), num_samples=n, step_maps=np.exp(step_logs),
                    mean_map=np.exp(step_logs.mean(axis=0)), sample_ids=ids[order],
-                   sample_maps=np.exp(maps[order].astype(np.float64)), velocity=velocity)
+                   sample_maps=np.exp(maps[order].astype(np.float64)), velocity=velocity, half_log_means=halves)
 
     def summary(self) -> dict:
         """The ``spatial`` block of ``summary.json``."""
@@ -270,8 +296,9 @@ class SpatialMaps:
             "locality": self.locality,
             "locality_from": "held_out_top_share" if held is not None else "top_share",
             "rule": f"local if the share > {LOCAL_ABOVE}, uniform if <= {UNIFORM_UP_TO}, mixed between, none without "
-                    "excess; the held-out share when at least 4 sample maps are kept (noise alone lifts the in-sample "
-                    "top share above 0.1), else the top share",
+                    "excess; the held-out share (top positions chosen on the samples of even id, measured on those of "
+                    "odd id and back: noise alone lifts the in-sample top share above 0.1) when there are at least 4 "
+                    "samples, else the top share",
             "definition": "share of sum_p max(0, log M(p)) on the ceil(0.1 P) positions with the largest excess; "
                           "M(p) = exp(mean over samples and steps of log(||v_theta(p)|| / ||v_ref(p)||)), norms over "
                           "channels at latent position p",
@@ -281,5 +308,8 @@ class SpatialMaps:
 
     def arrays(self) -> dict:
         """The arrays ``spatial.npz`` stores."""
-        return {"times": self.times, "step_maps": self.step_maps, "mean_map": self.mean_map,
-                "sample_ids": self.sample_ids, "sample_maps": self.sample_maps}
+        out = {"times": self.times, "step_maps": self.step_maps, "mean_map": self.mean_map,
+               "sample_ids": self.sample_ids, "sample_maps": self.sample_maps}
+        if self.half_log_means is not None:
+            out["half_log_means"] = self.half_log_means
+        return out
