@@ -25,7 +25,8 @@ def test_gpu_suite_smoke_runs_every_measure(tmp_path):
         assert row["audit"]["ratio"]["paired sample + records / sample theta"] > 1.2
         # one mixed-adapter forward records the same ratios as two passes (float32 rounding only)
         assert row["lora_pair"]["max_abs_ratio_difference"] < 1e-5
-        assert row["sensitivity"]["seconds"] > 0 and row["sensitivity"]["ratio_to_sampling"] > 1
-        assert set(row["normguard"]["median_s"]) == {"step", "step + normguard"}
+        assert row["sensitivity"]["ratio_to_sampling"] > 1
+        # the penalty adds one no-grad reference forward and a few elementwise terms to a training step
+        assert 0.9 < row["normguard"]["ratio"]["step + normguard / step"] < 3.0
     table = (tmp_path / "gpu_results.md").read_text()
     assert table.count("\n| ") == 4 and "flux2-klein-4b" in table
