@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         out: Annotated[Path, typer.Option(help="Folder for the reports (empty, absent, or an earlier demo's).")] = Path("demo-out"),
-        quick: Annotated[bool, typer.Option("--quick", help="Fewer samples and steps (29 s instead of 114 s on one CPU thread).")] = False,
+        quick: Annotated[bool, typer.Option("--quick", help="Fewer samples and steps (29 s instead of 116 s on one CPU thread).")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
         output_format: Annotated[str, typer.Option("--format", help="human or json (the findings to stdout).")] = "human",
     ):
